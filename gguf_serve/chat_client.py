@@ -123,7 +123,8 @@ def run_chat(base_url: str, model: str | None, api_key: str | None, system: str 
                     raise ChatClientError(f"the server at {root} serves no chat model")
         except httpx.TransportError as e:
             reason = escape(str(e) or type(e).__name__)
-            console.print(f"[red]cannot reach gguf-serve at {root}: {reason}. Is `gguf-serve serve` running?[/red]")
+            hint = "Is `gguf-serve serve` running?"
+            console.print(f"[red]cannot reach gguf-serve at {root}: {reason}. {hint}[/red]")
             raise SystemExit(1) from None
         except ChatClientError as e:
             console.print(f"[red]{escape(str(e))}[/red]")
