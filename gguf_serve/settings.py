@@ -10,7 +10,15 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -230,7 +238,9 @@ def resolve_profile(profile: str) -> Path:
         if p.is_file():
             return p
     names = sorted({p.stem for d in PROFILE_DIRS if d.is_dir() for p in d.glob("*.toml")})
-    raise SettingsError(f"profile: unknown profile {profile!r}; choose one of {', '.join(names)} or a .toml path")
+    raise SettingsError(
+        f"profile: unknown profile {profile!r}; choose one of {', '.join(names)} or a .toml path"
+    )
 
 
 def _describe(err: ValidationError, source: str) -> str:
@@ -246,12 +256,18 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
     """Build the effective settings; raise SettingsError with a one-line message."""
     profile = profile or os.environ.get("GGUF_SERVE_PROFILE")
     toml_path = resolve_profile(profile) if profile else None
-    source = f"profile {toml_path}, the environment (GGUF_SERVE_*) or the command line" if toml_path else (
-        "the environment (GGUF_SERVE_*) or the command line"
+    source = (
+        f"profile {toml_path}, the environment (GGUF_SERVE_*) or the command line"
+        if toml_path
+        else ("the environment (GGUF_SERVE_*) or the command line")
     )
     cls: type[Settings] = Settings
     if toml_path is not None:
-        cls = type("ProfileSettings", (Settings,), {"model_config": {**Settings.model_config, "toml_file": toml_path}})
+        cls = type(
+            "ProfileSettings",
+            (Settings,),
+            {"model_config": {**Settings.model_config, "toml_file": toml_path}},
+        )
     clean = {k: v for k, v in overrides.items() if v is not None}
     try:
         return cls(profile=str(toml_path) if toml_path else None, **clean)

@@ -1,0 +1,1 @@
+"""Protocol shapes (pydantic), one module per endpoint family."""

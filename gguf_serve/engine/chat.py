@@ -1,0 +1,186 @@
+"""A chat model: its template, its scheduler, and the parsers that shape its output."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from gguf_serve.engine.llama_runtime import ContextParams, LlamaContext, LlamaModel, usable_cpus
+from gguf_serve.engine.reasoning import ReasoningParser
+from gguf_serve.engine.requests import (
+    ChatDelta,
+    ChatRequest,
+    Finished,
+    InvalidRequest,
+    SamplingParams,
+    TextChunk,
+    ToolCall,
+)
+from gguf_serve.engine.scheduler import ChatScheduler, Generation
+from gguf_serve.engine.tool_calls import ToolCallParser
+from gguf_serve.settings import Limits, ModelSettings
+
+
+def grammar_for_response_format(fmt: dict[str, Any] | None) -> str | None:
+    """OpenAI response_format -> GBNF through llama.cpp's own JSON-schema converter."""
+    if not fmt or fmt.get("type") in (None, "text"):
+        return None
+    kind = fmt.get("type")
+    if kind == "json_object":
+        schema = fmt.get("schema")
+        return json_schema_to_gbnf(json.dumps(schema)) if schema else JSON_GBNF
+    if kind == "json_schema":
+        spec = fmt.get("json_schema") or {}
+        schema = spec.get("schema", spec if "properties" in spec or "type" in spec else None)
+        if not isinstance(schema, dict):
+            raise InvalidRequest(
+                "response_format.json_schema.schema must be a JSON schema object", "response_format"
+            )
+        try:
+            return json_schema_to_gbnf(json.dumps(schema))
+        except Exception as e:
+            raise InvalidRequest(f"unsupported JSON schema: {e}", "response_format") from e
+    raise InvalidRequest(f"unknown response_format type {kind!r}", "response_format")
+
+
+class ChatEngine:
+    def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
+        self.model = model
+        self.settings = ms
+        n_ctx_seq = ms.n_ctx or model.n_ctx_train
+        threads = ms.n_threads or usable_cpus()
+        # One KV stream per slot: sequences never evict each other, and results do not
+        # depend on what else is in the batch (greedy output equals the sequential one).
+        self.ctx = LlamaContext(
+            model,
+            ContextParams(
+                n_ctx=n_ctx_seq * ms.parallel,
+                n_batch=ms.n_batch,
+                n_ubatch=ms.n_ubatch,
+                n_seq_max=ms.parallel,
+                n_threads=threads,
+                n_threads_batch=ms.n_threads_batch or threads,
+                flash_attn=ms.flash_attn,
+                type_k=ms.cache_type_k,
+                type_v=ms.cache_type_v,
+                kv_unified=False,
+            ),
+        )
+        bos = model.detokenize([model.bos], special=True) if model.bos >= 0 else ""
+        eos = model.detokenize([model.eos], special=True) if model.eos >= 0 else ""
+        self.template = ChatTemplate(ms.chat_template or model.chat_template() or CHATML_TEMPLATE, bos, eos)
+        self.scheduler = ChatScheduler(model, self.ctx, ms.parallel, limits.max_queue, ms.id)
+
+    @property
+    def n_ctx(self) -> int:
+        return self.scheduler.n_ctx_seq
+
+    # --- prompts ------------------------------------------------------------------------------
+    def tokenize_prompt(self, text: str) -> list[int]:
+        # A template that already wrote the BOS text must not get a second BOS.
+        bos_text = self.template.bos_token
+        add_special = not (bos_text and text.startswith(bos_text))
+        return self.model.tokenize(text, add_special=add_special, parse_special=True)
+
+    def render(self, req: ChatRequest) -> str:
+        if not req.messages:
+            raise InvalidRequest("messages must not be empty", "messages")
+        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        return self.template.render(
+            [m.as_template_dict() for m in req.messages],
+            tools=tools,
+            add_generation_prompt=True,
+            **req.template_kwargs,
+        )
+
+    # --- generation ---------------------------------------------------------------------------
+    def start_chat(self, req: ChatRequest) -> ChatStream:
+        """Render, tokenize and queue now (errors raise here); stream the answer later."""
+        prompt = self.render(req)
+        tokens = self.tokenize_prompt(prompt)
+        params = req.params
+        if params.grammar is None and req.response_format is not None:
+            params.grammar = grammar_for_response_format(req.response_format)
+        reasoning = (
+            ReasoningParser(in_reasoning=prompt.rstrip().endswith("<think>"))
+            if self.settings.reasoning and req.parse_reasoning and params.grammar is None
+            else None
+        )
+        tools = ToolCallParser() if req.tools and req.tool_choice != "none" else None
+        return ChatStream(self.scheduler.start(tokens, params), reasoning, tools)
+
+    def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation:
+        tokens = self.tokenize_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise InvalidRequest("prompt must not be empty", "prompt")
+        bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
+        if bad:
+            raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary", "prompt")
+        return self.scheduler.start(tokens, params)
+
+    def stats(self) -> dict[str, float]:
+        return self.scheduler.stats()
+
+    def idle(self) -> bool:
+        return self.scheduler.idle()
+
+    def close(self) -> None:
+        self.scheduler.close()
+        self.ctx.close()
+
+
+class ChatStream:
+    """A chat answer as deltas: reasoning, content and tool calls kept apart, then Finished."""
+
+    def __init__(
+        self, generation: Generation, reasoning: ReasoningParser | None, tools: ToolCallParser | None
+    ) -> None:
+        self.generation = generation
+        self._reasoning = reasoning
+        self._tools = tools
+        self._made_calls = False
+
+    def _split(self, text: str, final: bool = False) -> list[ChatDelta]:
+        rp, tp = self._reasoning, self._tools
+        r, c = rp.feed(text) if rp is not None else ("", text)
+        if final and rp is not None:
+            r2, c2 = rp.flush()
+            r, c = r + r2, c + c2
+        calls: list[ToolCall] = []
+        if tp is not None:
+            c, calls = tp.feed(c)
+            if final:
+                c2, calls2 = tp.flush()
+                c, calls = c + c2, calls + calls2
+        self._made_calls = self._made_calls or bool(calls)
+        out = []
+        if r:  # reasoning and content never share a delta
+            out.append(ChatDelta(reasoning=r))
+        if c or calls:
+            out.append(ChatDelta(content=c, tool_calls=calls))
+        return out
+
+    async def __aiter__(self) -> AsyncIterator[ChatDelta | Finished]:
+        async for ev in self.generation:
+            if isinstance(ev, TextChunk):
+                deltas = self._split(ev.text)
+                if ev.logprobs:
+                    if deltas:
+                        deltas[-1].logprobs = ev.logprobs
+                    else:
+                        deltas = [ChatDelta(logprobs=ev.logprobs)]
+                for d in deltas:
+                    yield d
+            else:
+                for d in self._split("", final=True):
+                    yield d
+                if self._made_calls and ev.reason == "stop":
+                    ev.reason = "tool_calls"
+                yield ev
+
+    def cancel(self) -> None:
+        self.generation.cancel()

@@ -1,0 +1,126 @@
+"""How many layers to offload: a number from the profile, or `auto` from the file and free memory."""
+
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as llama
+
+from gguf_serve.settings import ModelSettings
+
+log = logging.getLogger("gguf_serve.gpu")
+
+ALL_LAYERS = 999  # llama.cpp clamps to the model's layer count (+ the output layer)
+KV_BYTES = {
+    "f32": 4.0,
+    "f16": 2.0,
+    "bf16": 2.0,
+    "q8_0": 34 / 32,
+    "q4_0": 18 / 32,
+    "q4_1": 20 / 32,
+    "q5_0": 22 / 32,
+    "q5_1": 24 / 32,
+    "iq4_nl": 18 / 32,
+}
+_BLOCK = re.compile(r"^blk\.(\d+)\.")
+
+
+@dataclass(frozen=True)
+class ModelFootprint:
+    layer_bytes: list[int]  # weights of each repeating block
+    other_bytes: int  # embeddings, output head, norms
+    n_embd_kv: int  # K (or V) width per layer per token
+
+
+def read_footprint(path: Path) -> ModelFootprint:
+    from gguf import GGUFReader  # reads only the header and tensor index (memory-mapped)
+
+    reader = GGUFReader(str(path))
+    arch_field = reader.get_field("general.architecture")
+    arch = bytes(arch_field.parts[-1]).decode() if arch_field else "llama"
+
+    def num(key: str, default: int) -> int:
+        f = reader.get_field(f"{arch}.{key}")
+        return int(f.parts[-1][0]) if f else default
+
+    layers: dict[int, int] = {}
+    other = 0
+    for t in reader.tensors:
+        m = _BLOCK.match(t.name)
+        if m:
+            layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + int(t.n_bytes)
+        else:
+            other += int(t.n_bytes)
+    n_head = num("attention.head_count", 1)
+    n_head_kv = num("attention.head_count_kv", n_head)
+    n_embd = num("embedding_length", 0)
+    head_dim = num("attention.key_length", n_embd // max(1, n_head))
+    return ModelFootprint([layers[i] for i in sorted(layers)], other, n_head_kv * head_dim)
+
+
+def fit_layers(
+    fp: ModelFootprint, n_ctx_total: int, kv_type_k: str, kv_type_v: str, free_bytes: int, reserve_bytes: int
+) -> int:
+    """The most blocks whose weights + KV cache fit in free memory, after a reserve for
+    compute buffers; the output head goes with the last block, as llama.cpp does."""
+    kv_per_layer = int(n_ctx_total * fp.n_embd_kv * (KV_BYTES[kv_type_k] + KV_BYTES[kv_type_v]))
+    budget = free_bytes - reserve_bytes
+    n = 0
+    for i, w in enumerate(fp.layer_bytes):
+        cost = w + kv_per_layer + (fp.other_bytes if i == len(fp.layer_bytes) - 1 else 0)
+        if cost > budget:
+            break
+        budget -= cost
+        n += 1
+    return n
+
+
+def free_gpu_memory() -> int | None:
+    """Free bytes on the first GPU (nvidia-smi); None when there is none to ask."""
+    exe = shutil.which("nvidia-smi")
+    if not exe:
+        return None
+    try:
+        out = subprocess.run(
+            [exe, "--query-gpu=memory.free", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return int(out.split()[0]) * 2**20
+    except (subprocess.SubprocessError, ValueError, IndexError, OSError):
+        return None
+
+
+def choose_gpu_layers(path: Path, ms: ModelSettings) -> int:
+    if ms.n_gpu_layers != "auto":
+        return ALL_LAYERS if ms.n_gpu_layers < 0 else ms.n_gpu_layers
+    if not llama.llama_supports_gpu_offload():
+        log.info("model %s: n_gpu_layers=auto, but this llama.cpp build has no GPU backend: CPU only", ms.id)
+        return 0
+    free = free_gpu_memory()
+    if free is None:
+        log.warning(
+            "model %s: n_gpu_layers=auto, but free GPU memory is unknown: offloading all layers", ms.id
+        )
+        return ALL_LAYERS
+    fp = read_footprint(path)
+    n_ctx_total = (ms.n_ctx or 4096) * ms.parallel
+    n = fit_layers(
+        fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v, free, reserve_bytes=max(512 * 2**20, free // 20)
+    )
+    log.info(
+        "model %s: n_gpu_layers=auto -> %d of %d layers (%.1f GiB free, %.1f GiB of weights)",
+        ms.id,
+        n,
+        len(fp.layer_bytes),
+        free / 2**30,
+        (sum(fp.layer_bytes) + fp.other_bytes) / 2**30,
+    )
+    return ALL_LAYERS if n == len(fp.layer_bytes) else n

@@ -1,0 +1,327 @@
+"""A thin, typed layer over llama.cpp's C API (through llama-cpp-python's ctypes bindings).
+
+Everything in the engine that talks to llama.cpp goes through here, so the rest of the
+engine deals in Python ints, bytes and numpy arrays. ctypes releases the GIL during each
+foreign call, so a decode on a scheduler thread never blocks the event loop.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import llama_cpp as llama
+import numpy as np
+import numpy.typing as npt
+
+log = logging.getLogger("gguf_serve.llama")
+
+GGUF_MAGIC = b"GGUF"
+
+POOLING_TYPES = {"unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
+POOLING_NAMES = {v: k for k, v in POOLING_TYPES.items()}
+
+# ggml_type ids for KV cache types (ggml.h).
+GGML_TYPES = {
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q4_1": 3,
+    "q5_0": 6,
+    "q5_1": 7,
+    "q8_0": 8,
+    "iq4_nl": 20,
+    "bf16": 30,
+}
+
+FLASH_ATTN = {"auto": -1, False: 0, True: 1}
+
+
+class ModelLoadError(RuntimeError):
+    """The GGUF file cannot be loaded; the message says which file and why."""
+
+
+class DecodeError(RuntimeError):
+    """llama_decode failed (e.g. no KV cache slot for the batch)."""
+
+
+_backend_lock = threading.Lock()
+_backend_ready = False
+_log_callback: object | None = None  # keep the ctypes callback alive
+
+
+def _route_llama_logs() -> None:
+    """Send llama.cpp's own logging to Python logging instead of stderr."""
+    global _log_callback
+    levels = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN/ERROR; INFO/DEBUG/CONT -> debug
+
+    @llama.llama_log_callback  # type: ignore[untyped-decorator]
+    def _cb(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
+        if text:
+            log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
+
+    _log_callback = _cb
+    llama.llama_log_set(_cb, ctypes.c_void_p(0))
+
+
+def ensure_backend() -> None:
+    global _backend_ready
+    with _backend_lock:
+        if not _backend_ready:
+            _route_llama_logs()
+            llama.llama_backend_init()
+            _backend_ready = True
+
+
+def check_gguf_header(path: Path) -> None:
+    """Fail early, with a clear message, on files that are not GGUF (llama.cpp would abort)."""
+    try:
+        with path.open("rb") as f:
+            head = f.read(8)
+    except OSError as e:
+        raise ModelLoadError(f"cannot read {path}: {e.strerror}") from e
+    if len(head) < 8 or head[:4] != GGUF_MAGIC:
+        raise ModelLoadError(
+            f"{path} is not a GGUF file (bad magic {head[:4]!r}); re-download or re-convert it"
+        )
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (cgroup/affinity aware on Linux): llama.cpp's thread count."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return max(1, os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """Loaded weights and vocabulary. Thread-safe for read-only use (tokenize, metadata)."""
+
+    def __init__(self, path: Path, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
+        ensure_backend()
+        check_gguf_header(path)
+        self.path = path
+        params = llama.llama_model_default_params()
+        params.n_gpu_layers = n_gpu_layers
+        if hasattr(params, "use_mmap"):
+            params.use_mmap = use_mmap
+        ptr = llama.llama_model_load_from_file(str(path).encode(), params)
+        if not ptr:
+            raise ModelLoadError(
+                f"llama.cpp could not load {path} (corrupt or unsupported GGUF; see the log above)"
+            )
+        self.ptr = ptr
+        self.vocab = llama.llama_model_get_vocab(ptr)
+        self.n_vocab = int(llama.llama_vocab_n_tokens(self.vocab))
+        self.n_ctx_train = int(llama.llama_model_n_ctx_train(ptr))
+        self.n_embd = int(llama.llama_model_n_embd(ptr))
+        self.n_layer = int(llama.llama_model_n_layer(ptr))
+        self.size_bytes = int(llama.llama_model_size(ptr))
+        self.has_encoder = bool(llama.llama_model_has_encoder(ptr))
+        self.bos = int(llama.llama_vocab_bos(self.vocab))
+        self.eos = int(llama.llama_vocab_eos(self.vocab))
+        self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
+        self.add_eos = bool(llama.llama_vocab_get_add_eos(self.vocab))
+        self._piece_cache: dict[int, bytes] = {}
+
+    # --- metadata -------------------------------------------------------------------------
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):  # a long value (chat templates): ask again with room for it
+            buf = ctypes.create_string_buffer(n + 1)
+            llama.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", "replace")
+
+    def chat_template(self, name: str | None = None) -> str | None:
+        raw = llama.llama_model_chat_template(self.ptr, name.encode() if name else None)
+        return raw.decode("utf-8", "replace") if raw else None
+
+    @property
+    def architecture(self) -> str:
+        return self.meta("general.architecture") or "unknown"
+
+    @property
+    def pooling_type(self) -> str:
+        value = self.meta(f"{self.architecture}.pooling_type")
+        return POOLING_NAMES.get(int(value), "none") if value is not None else "none"
+
+    def classifier_labels(self) -> list[str]:
+        n = int(llama.llama_model_n_cls_out(self.ptr))
+        out: list[str] = []
+        for i in range(n):
+            raw = llama.llama_model_cls_label(self.ptr, i)
+            out.append(raw.decode("utf-8", "replace") if raw else str(i))
+        return out
+
+    # --- vocabulary -------------------------------------------------------------------------
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 8
+        buf = (llama.llama_token * n_max)()
+        n = llama.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (llama.llama_token * n_max)()
+            n = llama.llama_tokenize(self.vocab, data, len(data), buf, n_max, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for. Cached: the vocabulary never changes."""
+        key = token if not special else -token - 1
+        piece = self._piece_cache.get(key)
+        if piece is None:
+            buf = ctypes.create_string_buffer(64)
+            n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            if n < 0:
+                buf = ctypes.create_string_buffer(-n)
+                n = llama.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, special)
+            piece = buf.raw[:n]
+            self._piece_cache[key] = piece
+        return piece
+
+    def detokenize(self, tokens: Sequence[int], special: bool = False) -> str:
+        return b"".join(self.token_bytes(t, special) for t in tokens).decode("utf-8", "replace")
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama.llama_vocab_is_eog(self.vocab, token))
+
+    def token_id(self, text: str) -> int | None:
+        """The id of a text that is exactly one token, else None."""
+        ids = self.tokenize(text, add_special=False, parse_special=True)
+        return ids[0] if len(ids) == 1 else None
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama.llama_model_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass(frozen=True)
+class ContextParams:
+    n_ctx: int
+    n_batch: int
+    n_ubatch: int
+    n_seq_max: int
+    n_threads: int
+    n_threads_batch: int
+    embeddings: bool = False
+    pooling: str = "unspecified"
+    flash_attn: bool | str = "auto"
+    type_k: str = "f16"
+    type_v: str = "f16"
+    kv_unified: bool = False
+
+
+class LlamaContext:
+    """One llama.cpp context (KV cache + compute buffers). Use from one thread only."""
+
+    def __init__(self, model: LlamaModel, p: ContextParams) -> None:
+        self.model = model
+        cp = llama.llama_context_default_params()
+        cp.n_ctx = p.n_ctx
+        cp.n_batch = p.n_batch
+        cp.n_ubatch = p.n_ubatch
+        cp.n_seq_max = p.n_seq_max
+        cp.n_threads = p.n_threads
+        cp.n_threads_batch = p.n_threads_batch
+        cp.embeddings = p.embeddings
+        cp.pooling_type = POOLING_TYPES[p.pooling]
+        cp.flash_attn_type = FLASH_ATTN[p.flash_attn]  # type: ignore[index]
+        cp.type_k = GGML_TYPES[p.type_k]
+        cp.type_v = GGML_TYPES[p.type_v]
+        cp.kv_unified = p.kv_unified
+        cp.no_perf = True
+        ptr = llama.llama_init_from_model(model.ptr, cp)
+        if not ptr:
+            raise ModelLoadError(
+                f"llama.cpp could not create a context for {model.path} (n_ctx={p.n_ctx}, "
+                f"n_seq_max={p.n_seq_max}): out of memory? lower n_ctx or parallel"
+            )
+        self.ptr = ptr
+        self.params = p
+        self.n_ctx = int(llama.llama_n_ctx(ptr))
+        self.n_ctx_seq = self.n_ctx if p.kv_unified else self.n_ctx // max(1, p.n_seq_max)
+        self.memory = llama.llama_get_memory(ptr)
+        self.n_vocab = model.n_vocab
+
+    def decode(self, batch: Batch) -> None:
+        rc = llama.llama_decode(self.ptr, batch.raw)
+        if rc != 0:
+            raise DecodeError(f"llama_decode returned {rc} for a batch of {batch.n_tokens} tokens")
+
+    def encode(self, batch: Batch) -> None:
+        rc = llama.llama_encode(self.ptr, batch.raw)
+        if rc != 0:
+            raise DecodeError(f"llama_encode returned {rc} for a batch of {batch.n_tokens} tokens")
+
+    def logits(self, i: int) -> npt.NDArray[np.float32]:
+        """The logits row of batch index i (a view into llama.cpp's buffer: copy to keep)."""
+        ptr = llama.llama_get_logits_ith(self.ptr, i)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def seq_embedding(self, seq_id: int, n: int) -> npt.NDArray[np.float32]:
+        ptr = llama.llama_get_embeddings_seq(self.ptr, seq_id)
+        if not ptr:
+            raise DecodeError(f"no pooled embedding for sequence {seq_id}")
+        return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
+
+    def token_embedding(self, i: int, n: int) -> npt.NDArray[np.float32]:
+        ptr = llama.llama_get_embeddings_ith(self.ptr, i)
+        if not ptr:
+            raise DecodeError(f"no embedding for batch index {i}")
+        return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
+
+    def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> bool:
+        return bool(llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
+
+    def clear(self) -> None:
+        llama.llama_memory_clear(self.memory, True)
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            llama.llama_free(self.ptr)
+            self.ptr = None
+
+
+class Batch:
+    """A reusable llama_batch: tokens of many sequences decoded in one call."""
+
+    def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
+        self.capacity = capacity
+        self.raw = llama.llama_batch_init(capacity, 0, n_seq_max)
+        self.n_tokens = 0
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.raw.n_tokens = 0
+
+    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
+        """Append one token; returns its index in the batch (for logits/embeddings)."""
+        i = self.n_tokens
+        if i >= self.capacity:
+            raise OverflowError("batch is full")
+        raw = self.raw
+        raw.token[i] = token
+        raw.pos[i] = pos
+        raw.n_seq_id[i] = 1
+        raw.seq_id[i][0] = seq_id
+        raw.logits[i] = logits
+        self.n_tokens = i + 1
+        raw.n_tokens = self.n_tokens
+        return i
+
+    def free(self) -> None:
+        if self.raw is not None:
+            llama.llama_batch_free(self.raw)
+            self.raw = None  # type: ignore[assignment]
+
+    @property
+    def space(self) -> int:
+        return self.capacity - self.n_tokens

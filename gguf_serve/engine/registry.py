@@ -1,0 +1,253 @@
+"""The models a profile names: resolved, loaded, looked up by id and role, unloaded when idle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+from gguf_serve.engine.llama_runtime import LlamaModel
+from gguf_serve.engine.model_files import resolve_model_file
+from gguf_serve.engine.requests import InvalidRequest, ModelNotFound, NotReady
+from gguf_serve.settings import ModelSettings, Role, Settings
+
+log = logging.getLogger("gguf_serve.registry")
+
+
+class Engine(Protocol):
+    def stats(self) -> dict[str, float]: ...
+    def close(self) -> None: ...
+
+
+class LoadState(enum.Enum):
+    PENDING = "pending"
+    LOADING = "loading"
+    READY = "ready"
+    FAILED = "failed"
+    UNLOADED = "unloaded"
+
+
+@dataclass(eq=False)
+class LoadedModel:
+    """What a route gets: the settings of the id it asked for, and the engine that serves it."""
+
+    settings: ModelSettings
+    engine: Any
+    llama_model: LlamaModel | None = None
+    path: Path | None = None
+
+
+@dataclass(eq=False)
+class _Entry:
+    settings: ModelSettings
+    state: LoadState = LoadState.PENDING
+    error: str | None = None
+    loaded: LoadedModel | None = None
+    last_used: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class ModelRegistry:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        # Engines that other entries share (same_weights_as, rerank by embedding) load first.
+        order = {"embedding": 0, "rerank": 1, "chat": 2}
+        ordered = sorted(settings.models, key=lambda m: (m.same_weights_as is not None, order[m.role]))
+        self._entries: dict[str, _Entry] = {m.id: _Entry(m) for m in ordered}
+        self._names = {name: m.id for m in settings.models for name in m.names}
+
+    # --- lookup -------------------------------------------------------------------------------
+    def entries(self) -> list[tuple[ModelSettings, LoadState, LoadedModel | None]]:
+        return [(e.settings, e.state, e.loaded) for e in self._entries.values()]
+
+    def get(self, name: str | None, role: Role) -> LoadedModel:
+        entry = self._entry(name, role)
+        if entry.state is not LoadState.READY or entry.loaded is None:
+            if self._loads_on_demand(entry):
+                threading.Thread(target=self._load_one, args=(entry,), daemon=True).start()
+            raise NotReady(f"model {entry.settings.id!r} is {entry.state.value}; retry shortly")
+        entry.last_used = time.monotonic()
+        return entry.loaded
+
+    async def acquire(self, name: str | None, role: Role, wait_s: float = 300.0) -> LoadedModel:
+        """Like get(), but waits for a lazily loaded or idle-unloaded model to come back."""
+        entry = self._entry(name, role)
+        if self._loads_on_demand(entry):
+            await asyncio.to_thread(self._load_one, entry)
+        deadline = time.monotonic() + wait_s
+        while entry.state is LoadState.LOADING and time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+        return self.get(name, role)
+
+    @staticmethod
+    def _loads_on_demand(entry: _Entry) -> bool:
+        return entry.state is LoadState.UNLOADED or (
+            entry.state is LoadState.PENDING and entry.settings.lazy_load
+        )
+
+    def _entry(self, name: str | None, role: Role) -> _Entry:
+        if not name:
+            # No model named: the first model of the role, as single-model servers behave.
+            candidates = [e for e in self._entries.values() if e.settings.role == role]
+            if not candidates:
+                raise ModelNotFound(f"no {role} model is configured", "model")
+            return candidates[0]
+        mid = self._names.get(name)
+        if mid is None:
+            known = ", ".join(sorted(self._names))
+            raise ModelNotFound(f"The model {name!r} does not exist. Available models: {known}", "model")
+        entry = self._entries[mid]
+        if entry.settings.role != role:
+            raise InvalidRequest(
+                f"model {name!r} is a {entry.settings.role} model and cannot serve {role} requests", "model"
+            )
+        return entry
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def resolve_files(self) -> None:
+        """Check every file before serving: a missing or corrupt GGUF is a start-up error."""
+        for e in self._entries.values():
+            if e.settings.same_weights_as or (
+                e.settings.role == "rerank" and e.settings.scorer == "embedding"
+            ):
+                continue
+            resolve_model_file(e.settings, self.settings.models_dir)
+
+    def load_all(self) -> None:
+        for e in self._entries.values():
+            if not e.settings.lazy_load:
+                self._load_one(e)
+
+    @property
+    def ready(self) -> bool:
+        return all(
+            e.state is LoadState.READY
+            or (e.settings.lazy_load and e.state is not LoadState.FAILED)
+            or e.state is LoadState.UNLOADED
+            for e in self._entries.values()
+        )
+
+    @property
+    def failures(self) -> list[str]:
+        return [f"{e.settings.id}: {e.error}" for e in self._entries.values() if e.state is LoadState.FAILED]
+
+    def _load_one(self, e: _Entry) -> None:
+        with e.lock:
+            if e.state is LoadState.READY:
+                return
+            e.state = LoadState.LOADING
+            t0 = time.monotonic()
+            try:
+                e.loaded = self._build(e.settings)
+            except Exception as err:
+                e.state = LoadState.FAILED
+                e.error = str(err)
+                log.error("model %s failed to load: %s", e.settings.id, err)
+                return
+            e.state = LoadState.READY
+            e.last_used = time.monotonic()
+            log.info("model %s (%s) ready in %.1fs", e.settings.id, e.settings.role, time.monotonic() - t0)
+
+    def _shared(self, mid: str) -> LoadedModel:
+        other = self._entries[mid]
+        if other.state is not LoadState.READY:
+            self._load_one(other)
+        if other.loaded is None:
+            raise RuntimeError(f"model {mid!r} it depends on failed to load: {other.error}")
+        return other.loaded
+
+    def _build(self, ms: ModelSettings) -> LoadedModel:
+        if ms.same_weights_as:
+            base = self._shared(ms.same_weights_as)
+            return LoadedModel(ms, base.engine, base.llama_model, base.path)
+        limits = self.settings.limits
+        if ms.role == "rerank" and ms.scorer == "embedding":
+            from gguf_serve.engine.reranker import make_reranker
+
+            return LoadedModel(ms, make_reranker(None, ms, limits, self._embedder_for))
+        path = resolve_model_file(ms, self.settings.models_dir)
+        from gguf_serve.engine.gpu_fit import choose_gpu_layers
+
+        n_gpu_layers = choose_gpu_layers(path, ms)
+        model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
+        try:
+            engine: Any
+            if ms.role == "chat":
+                from gguf_serve.engine.chat import ChatEngine
+
+                engine = ChatEngine(model, ms, limits)
+            elif ms.role == "embedding":
+                from gguf_serve.engine.embedder import Embedder
+
+                engine = Embedder(model, ms, limits)
+            else:
+                from gguf_serve.engine.reranker import make_reranker
+
+                engine = make_reranker(model, ms, limits, self._embedder_for)
+        except Exception:
+            model.close()
+            raise
+        log.info(
+            "model %s: %s, %d of %d layers on the GPU, %.0f MiB",
+            ms.id,
+            path.name,
+            min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
+            model.n_layer,
+            model.size_bytes / 2**20,
+        )
+        return LoadedModel(ms, engine, model, path)
+
+    def _embedder_for(self, mid: str) -> Any:
+        loaded = self._shared(mid)
+        if loaded.settings.role != "embedding":
+            raise RuntimeError(f"model {mid!r} is not an embedding model")
+        return loaded.engine
+
+    def unload(self, mid: str) -> None:
+        e = self._entries[mid]
+        with e.lock:
+            loaded, e.loaded = e.loaded, None
+            if loaded is None:
+                return
+            e.state = LoadState.UNLOADED
+            sharing = any(
+                o.loaded is not None and o.loaded.engine is loaded.engine
+                for o in self._entries.values()
+                if o is not e
+            )
+            if not sharing and loaded.settings.same_weights_as is None:
+                loaded.engine.close()
+                if loaded.llama_model is not None:
+                    loaded.llama_model.close()
+        log.info("model %s unloaded", mid)
+
+    def unload_idle(self) -> None:
+        """keep_alive: free models nobody used for that many seconds (and that are not busy)."""
+        now = time.monotonic()
+        for mid, e in self._entries.items():
+            ka = e.settings.keep_alive
+            if ka is None or e.state is not LoadState.READY or e.loaded is None:
+                continue
+            idle = getattr(e.loaded.engine, "idle", lambda: True)()
+            if idle and now - e.last_used > ka:
+                self.unload(mid)
+
+    def stats(self) -> dict[str, dict[str, float]]:
+        out: dict[str, dict[str, float]] = {}
+        for mid, e in self._entries.items():
+            s: dict[str, float] = {"loaded": 1.0 if e.state is LoadState.READY else 0.0}
+            if e.loaded is not None and e.settings.same_weights_as is None:
+                with contextlib.suppress(Exception):
+                    s.update(e.loaded.engine.stats())
+            out[mid] = s
+        return out
+
+    def close(self) -> None:
+        for mid in reversed(list(self._entries)):
+            self.unload(mid)

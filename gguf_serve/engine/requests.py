@@ -1,0 +1,151 @@
+"""Plain request and event objects passed between the API layer and the engine.
+
+No HTTP and no llama.cpp types here: the API translates protocol shapes into these, and
+the engine answers with these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
+
+
+class EngineError(Exception):
+    """Base of the errors the engine reports to callers. `status` is the HTTP-ish class."""
+
+    status = 500
+    code = "internal_error"
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(EngineError):
+    status = 400
+    code = "invalid_request"
+
+
+class ContextOverflow(InvalidRequest):
+    code = "context_length_exceeded"
+
+
+class ModelNotFound(EngineError):
+    status = 404
+    code = "model_not_found"
+
+
+class QueueFull(EngineError):
+    status = 429
+    code = "queue_full"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+class NotReady(EngineError):
+    status = 503
+    code = "model_not_ready"
+
+
+@dataclass
+class SamplingParams:
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    grammar: str | None = None  # GBNF, root rule "root"
+    max_tokens: int | None = None  # None: until EOS or the context is full
+    stop: list[str] = field(default_factory=list)
+    logprobs: bool = False
+    top_logprobs: int = 0
+    ignore_eos: bool = False
+
+
+@dataclass
+class TokenLogprob:
+    token: str
+    logprob: float
+    bytes: list[int]
+    top: list[tuple[str, float, list[int]]]
+
+
+@dataclass
+class TextChunk:
+    """Newly generated text (never a partial UTF-8 character) and its tokens' logprobs."""
+
+    text: str
+    n_tokens: int
+    logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    cached_tokens: int = 0
+    error: str | None = None
+
+
+GenerationEvent = TextChunk | Finished
+
+
+@dataclass
+class ChatMessage:
+    role: str
+    content: str | None = None
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
+
+    def as_template_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"role": self.role, "content": self.content if self.content is not None else ""}
+        for key in ("name", "tool_calls", "tool_call_id", "reasoning_content"):
+            value = getattr(self, key)
+            if value is not None:
+                d[key] = value
+        return d
+
+
+@dataclass
+class ChatRequest:
+    messages: list[ChatMessage]
+    params: SamplingParams
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: Any = None
+    template_kwargs: dict[str, Any] = field(default_factory=dict)
+    parse_reasoning: bool = True
+    response_format: dict[str, Any] | None = None
+
+
+@dataclass
+class ToolCall:
+    index: int
+    id: str
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+@dataclass
+class ChatDelta:
+    """One step of a chat answer: reasoning, content and tool calls kept apart."""
+
+    content: str = ""
+    reasoning: str = ""
+    tool_calls: list[ToolCall] = field(default_factory=list)
+    logprobs: list[TokenLogprob] | None = None
+
+    def __bool__(self) -> bool:
+        return bool(self.content or self.reasoning or self.tool_calls or self.logprobs)

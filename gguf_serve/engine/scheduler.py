@@ -1,0 +1,376 @@
+"""Continuous batching for one chat model.
+
+One thread owns the llama.cpp context. Each step it puts the next token of every
+generating sequence, plus chunks of prompts being prefilled, into ONE llama_decode batch,
+then samples every sequence with its own sampler chain and hands the text to the
+request's asyncio queue. Slots keep their KV cache after a request ends, so the next
+request with the same prefix (a multi-turn chat, a RAG system prompt) skips that prefill.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from gguf_serve.engine.llama_runtime import Batch, DecodeError, LlamaContext, LlamaModel
+from gguf_serve.engine.requests import (
+    ContextOverflow,
+    Finished,
+    FinishReason,
+    GenerationEvent,
+    NotReady,
+    QueueFull,
+    SamplingParams,
+    TextChunk,
+    TokenLogprob,
+)
+from gguf_serve.engine.sampling import SamplerChain
+from gguf_serve.engine.text_stream import StopTextStream
+
+log = logging.getLogger("gguf_serve.scheduler")
+
+Emit = Callable[[GenerationEvent], None]
+
+
+@dataclass(eq=False)
+class Job:
+    prompt: list[int]
+    params: SamplingParams
+    emit: Emit
+    submitted_at: float = field(default_factory=time.monotonic)
+    cancelled: bool = False
+
+    def cancel(self) -> None:
+        # A plain bool store is atomic under the GIL; the scheduler reads it each step.
+        self.cancelled = True
+
+
+class Generation:
+    """The events of one request: TextChunk..., then one Finished. Closing early cancels."""
+
+    def __init__(self, scheduler: ChatScheduler, job: Job, queue: asyncio.Queue[GenerationEvent]) -> None:
+        self._scheduler = scheduler
+        self.job = job
+        self._queue = queue
+
+    async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        try:
+            while True:
+                ev = await self._queue.get()
+                yield ev
+                if isinstance(ev, Finished):
+                    return
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Free the slot at the scheduler's next step (a no-op once finished)."""
+        if not self.job.cancelled:
+            self.job.cancel()
+            self._scheduler.wake()
+
+
+class SlotState(enum.Enum):
+    IDLE = "idle"
+    PREFILL = "prefill"
+    GENERATE = "generate"
+
+
+@dataclass(eq=False)
+class Slot:
+    seq_id: int
+    cached: list[int] = field(default_factory=list)  # tokens whose KV is in this sequence
+    state: SlotState = SlotState.IDLE
+    job: Job | None = None
+    sampler: SamplerChain | None = None
+    stream: StopTextStream | None = None
+    prompt_pos: int = 0  # next prompt index to prefill
+    n_cached_at_start: int = 0
+    n_generated: int = 0
+    max_new: int = 0
+    last_token: int = -1
+    batch_index: int = -1  # where this slot's logits are in the current batch
+
+
+def common_prefix_len(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    if n == 0:
+        return 0
+    # numpy compares long prompts much faster than a Python loop.
+    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
+    return int(diff[0]) if diff.size else n
+
+
+class ChatScheduler:
+    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_slots: int, max_queue: int, name: str) -> None:
+        self.model = model
+        self.ctx = ctx
+        self.name = name
+        self.max_queue = max_queue
+        self.slots = [Slot(seq_id=i) for i in range(n_slots)]
+        self.n_ctx_seq = ctx.n_ctx_seq
+        self._batch = Batch(ctx.params.n_batch, 1)
+        self._waiting: deque[Job] = deque()
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
+        self._thread.start()
+        self.tokens_generated = 0
+        self.tokens_prefilled = 0
+
+    # --- called from the event loop ---------------------------------------------------------
+    def check_fits(self, n_prompt: int, max_tokens: int | None) -> None:
+        limit = self.n_ctx_seq
+        if n_prompt >= limit:
+            raise ContextOverflow(
+                f"This model's maximum context length is {limit} tokens. However, your prompt has "
+                f"{n_prompt} tokens. Shorten the prompt or messages.",
+                "messages",
+            )
+        if max_tokens is not None and n_prompt + max_tokens > limit:
+            raise ContextOverflow(
+                f"This model's maximum context length is {limit} tokens. However, you requested "
+                f"{n_prompt + max_tokens} tokens ({n_prompt} in the prompt, {max_tokens} for the completion). "
+                "Reduce the prompt or max_tokens.",
+                "max_tokens",
+            )
+
+    def submit(self, prompt: list[int], params: SamplingParams, emit: Emit) -> Job:
+        self.check_fits(len(prompt), params.max_tokens)
+        job = Job(prompt=prompt, params=params, emit=emit)
+        with self._cv:
+            if self._stopping:
+                raise NotReady(f"model {self.name} is shutting down")
+            free = sum(1 for s in self.slots if s.job is None)
+            if len(self._waiting) >= free + self.max_queue:
+                raise QueueFull(
+                    f"model {self.name} is busy: {len(self.slots)} slots in use and {len(self._waiting)} "
+                    "requests waiting; retry later",
+                    retry_after_s=1.0,
+                )
+            self._waiting.append(job)
+            self._cv.notify()
+        return job
+
+    def start(self, prompt: list[int], params: SamplingParams) -> Generation:
+        """Queue a request (raising ContextOverflow/QueueFull now, before any response
+        starts) and return the stream of its events. Call from the event loop."""
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
+
+        def emit(ev: GenerationEvent) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
+                loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        return Generation(self, self.submit(prompt, params, emit), queue)
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    def stats(self) -> dict[str, float]:
+        busy = sum(1 for s in self.slots if s.job is not None)
+        return {
+            "slots": float(len(self.slots)),
+            "busy_slots": float(busy),
+            "queue_depth": float(len(self._waiting)),
+            "kv_used_cells": float(sum(len(s.cached) for s in self.slots)),
+            "kv_total_cells": float(self.n_ctx_seq * len(self.slots)),
+            "tokens_generated": float(self.tokens_generated),
+            "tokens_prefilled": float(self.tokens_prefilled),
+        }
+
+    def idle(self) -> bool:
+        return not self._waiting and all(s.job is None for s in self.slots)
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout=30)
+        self._batch.free()
+
+    # --- the scheduler thread ---------------------------------------------------------------
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and all(s.job is None for s in self.slots):
+                    self._cv.wait()
+                if self._stopping:
+                    break
+            try:
+                self._drop_cancelled()
+                self._admit()
+                self._step()
+            except Exception:  # never let one bad step kill the scheduler
+                log.exception("scheduler step failed for %s", self.name)
+                for s in self.slots:
+                    if s.job is not None:
+                        self._finish(s, "error", error="internal error in the scheduler")
+                    self.ctx.seq_rm(s.seq_id)
+                    s.cached = []
+        for s in self.slots:
+            if s.job is not None:
+                self._finish(s, "cancelled")
+        for job in self._waiting:
+            job.emit(Finished("cancelled", len(job.prompt), 0))
+
+    def _drop_cancelled(self) -> None:
+        with self._cv:
+            if any(j.cancelled for j in self._waiting):
+                self._waiting = deque(j for j in self._waiting if not j.cancelled)
+        for s in self.slots:
+            if s.job is not None and s.job.cancelled:
+                self._finish(s, "cancelled")
+
+    def _admit(self) -> None:
+        while True:
+            idle = [s for s in self.slots if s.job is None]
+            if not idle:
+                return
+            with self._cv:
+                if not self._waiting:
+                    return
+                job = self._waiting.popleft()
+            # Reuse the idle slot whose cache shares the longest prefix with this prompt.
+            slot = max(idle, key=lambda s: common_prefix_len(s.cached, job.prompt))
+            self._start(slot, job)
+
+    def _start(self, slot: Slot, job: Job) -> None:
+        keep = min(common_prefix_len(slot.cached, job.prompt), len(job.prompt) - 1)
+        if not self.ctx.seq_rm(slot.seq_id, keep, -1):  # some caches cannot drop a tail
+            self.ctx.seq_rm(slot.seq_id, 0, -1)
+            keep = 0
+        p = job.params
+        try:
+            slot.sampler = SamplerChain(self.model, p)
+        except Exception as e:
+            job.emit(Finished("error", len(job.prompt), 0, error=str(e)))
+            return
+        slot.cached = job.prompt[:keep]
+        slot.job = job
+        slot.stream = StopTextStream(p.stop)
+        slot.prompt_pos = keep
+        slot.n_cached_at_start = keep
+        slot.n_generated = 0
+        room = self.n_ctx_seq - len(job.prompt)
+        slot.max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
+        slot.state = SlotState.PREFILL
+
+    def _step(self) -> None:
+        batch = self._batch
+        batch.clear()
+        active: list[Slot] = []
+        # Decode first: one token per generating sequence keeps streams flowing while
+        # long prompts are prefilled in the room that is left.
+        for s in self.slots:
+            if s.state is SlotState.GENERATE:
+                s.batch_index = batch.add(s.last_token, len(s.cached), s.seq_id, True)
+                s.cached.append(s.last_token)
+                active.append(s)
+        for s in self.slots:
+            if s.state is not SlotState.PREFILL or batch.space == 0:
+                continue
+            assert s.job is not None
+            prompt = s.job.prompt
+            n = min(len(prompt) - s.prompt_pos, batch.space)
+            for i in range(s.prompt_pos, s.prompt_pos + n):
+                last = i == len(prompt) - 1
+                idx = batch.add(prompt[i], i, s.seq_id, last)
+                if last:
+                    s.batch_index = idx
+            s.cached.extend(prompt[s.prompt_pos : s.prompt_pos + n])
+            s.prompt_pos += n
+            self.tokens_prefilled += n
+            if s.prompt_pos == len(prompt):
+                active.append(s)
+        if batch.n_tokens == 0:
+            return
+        try:
+            self.ctx.decode(batch)
+        except DecodeError as e:
+            log.error("%s: %s", self.name, e)
+            for s in self.slots:
+                if s.job is not None and (s in active or s.state is SlotState.PREFILL):
+                    self._finish(s, "error", error="the model could not process this batch (KV cache full?)")
+                    self.ctx.seq_rm(s.seq_id)
+                    s.cached = []
+            return
+        for s in active:
+            self._sample(s)
+
+    def _sample(self, s: Slot) -> None:
+        assert s.job is not None and s.sampler is not None and s.stream is not None
+        p = s.job.params
+        logprobs = self._logprobs(s.batch_index, p.top_logprobs) if p.logprobs else None
+        token = s.sampler.sample(self.ctx.ptr, s.batch_index)
+        s.state = SlotState.GENERATE
+        s.n_generated += 1
+        self.tokens_generated += 1
+        if self.model.is_eog(token) and not p.ignore_eos:
+            self._finish(s, "stop")
+            return
+        text = s.stream.feed(self.model.token_bytes(token))
+        lp = [self._token_logprob(token, logprobs)] if logprobs is not None else None
+        if text or lp:
+            s.job.emit(TextChunk(text, 1, lp))
+        if s.stream.stopped:
+            self._finish(s, "stop")
+        elif s.n_generated >= s.max_new or len(s.cached) + 1 >= self.n_ctx_seq:
+            self._finish(s, "length")
+        else:
+            s.last_token = token
+
+    def _finish(self, s: Slot, reason: FinishReason, error: str | None = None) -> None:
+        job = s.job
+        assert job is not None
+        if s.stream is not None and not s.stream.stopped and reason in ("stop", "length"):
+            tail = s.stream.flush()
+            if tail:
+                job.emit(TextChunk(tail, 0))
+        job.emit(Finished(reason, len(job.prompt), s.n_generated, s.n_cached_at_start, error))
+        if s.sampler is not None:
+            s.sampler.free()
+        s.sampler = None
+        s.stream = None
+        s.job = None
+        s.state = SlotState.IDLE
+        if reason in ("error",):
+            s.cached = []
+
+    # --- logprobs (only when asked: it copies the logits row) -------------------------------
+    def _logprobs(self, batch_index: int, top_n: int) -> tuple[np.ndarray, np.ndarray, int]:
+        logits = self.ctx.logits(batch_index).astype(np.float64)
+        m = logits.max()
+        logz = m + math.log(float(np.exp(logits - m).sum()))
+        lp = logits - logz
+        top = np.argpartition(-lp, top_n)[:top_n] if top_n > 0 else np.empty(0, dtype=np.int64)
+        top = top[np.argsort(-lp[top])]
+        return lp, top, top_n
+
+    def _token_logprob(self, token: int, data: tuple[np.ndarray, np.ndarray, int]) -> TokenLogprob:
+        lp, top, _ = data
+        raw = self.model.token_bytes(token)
+        return TokenLogprob(
+            token=raw.decode("utf-8", "replace"),
+            logprob=float(lp[token]),
+            bytes=list(raw),
+            top=[
+                (
+                    self.model.token_bytes(int(t)).decode("utf-8", "replace"),
+                    float(lp[t]),
+                    list(self.model.token_bytes(int(t))),
+                )
+                for t in top
+            ],
+        )
