@@ -1,0 +1,295 @@
+"""Rerank scorers: (query, documents) -> relevance in [0, 1], every pair of a request batched.
+
+Three ways to score, one interface:
+- HeadScorer: a GGUF with rank pooling and a classifier head (llama.cpp-converted
+  Qwen3-Reranker, BGE rerankers); the head's output turned into P(relevant).
+- CausalScorer: a plain causal Qwen3-Reranker GGUF; P(yes) over {yes, no} at the last
+  token of the reranker's own prompt (what the head computes, from the LM head).
+- EmbeddingScorer: an embedding model as a bi-encoder; cosine mapped to [0, 1].
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from gguf_serve.engine.embedder import Embedder, SequenceBatcher, Vector, embedding_context, seq_limit
+from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.settings import DEFAULT_RERANK_INSTRUCTION, Limits, ModelSettings
+
+log = logging.getLogger("gguf_serve.reranker")
+
+# Qwen3-Reranker's prompt (from its model card); {instruction}, {query}, {document} are filled in.
+QWEN3_RERANK_PROMPT = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
+    "<|im_start|>user\n<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
+)
+# Architectures whose rank head already ends in a softmax (llama-graph.cpp build_pooling).
+SOFTMAX_HEAD_ARCHS = frozenset({"qwen3", "qwen3vl"})
+POSITIVE_LABELS = ("yes", "relevant", "true", "positive", "label_1", "1")
+
+
+@dataclass
+class RerankResult:
+    scores: list[float]
+    prompt_tokens: int
+
+
+class Reranker:
+    """The engine of a rerank model."""
+
+    kind = "none"
+
+    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
+        raise NotImplementedError
+
+    def stats(self) -> dict[str, float]:
+        return {}
+
+    def idle(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+
+def check_request(query: str, documents: list[str]) -> None:
+    if not query.strip():
+        raise InvalidRequest("query is empty", "query")
+    if not documents:
+        raise InvalidRequest("documents is empty; send at least one document", "documents")
+
+
+def fill(template: str, instruction: str, query: str, document: str) -> str:
+    # One pass over the template, so braces in the query or document are never re-read as fields.
+    fields = {"{instruction}": instruction, "{query}": query, "{document}": document}
+    out: list[str] = []
+    i = 0
+    while i < len(template):
+        for key, value in fields.items():
+            if template.startswith(key, i):
+                out.append(value)
+                i += len(key)
+                break
+        else:
+            out.append(template[i])
+            i += 1
+    return "".join(out)
+
+
+class _PairScorer(Reranker):
+    """Shared by HeadScorer and CausalScorer: pair prompts -> one decode batch per many pairs."""
+
+    def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits, ctx: LlamaContext) -> None:
+        self.model = model
+        self.settings = ms
+        self.limit = seq_limit(model, ms)
+        self.ctx = ctx
+        self.batcher = SequenceBatcher(ctx, self._readout, ms.id, limits.max_queue)
+
+    def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
+        raise NotImplementedError
+
+    def _template(self, instruction: str) -> str | None:
+        """The prompt with {query} and {document} left to fill; None: a plain BERT-style pair."""
+        raise NotImplementedError
+
+    def _pair(self, template: str | None, query: str, doc: str) -> list[int]:
+        m = self.model
+        if template is not None:
+            return m.tokenize(fill(template, "", query, doc), add_special=False, parse_special=True)
+        # llama.cpp server's format_prompt_rerank for models without a rerank template.
+        q = m.tokenize(query, add_special=False, parse_special=False)
+        d = m.tokenize(doc, add_special=False, parse_special=False)
+        eos = [m.eos] if m.add_eos and m.eos >= 0 else []
+        sep_id = m.meta("tokenizer.ggml.seperator_token_id")
+        sep = [int(sep_id)] if sep_id is not None and m.meta("tokenizer.ggml.add_sep_token") == "true" else []
+        bos = [m.bos] if m.add_bos and m.bos >= 0 else []
+        return bos + q + eos + sep + d + eos
+
+    def _sequence(self, template: str | None, query: str, doc: str, i: int) -> list[int]:
+        tokens = self._pair(template, query, doc)
+        if len(tokens) <= self.limit:
+            return tokens
+        if self.settings.truncate:
+            doc_tokens = self.model.tokenize(doc, add_special=False, parse_special=False)
+            keep = len(doc_tokens) - (len(tokens) - self.limit)
+            for _ in range(4):  # re-tokenizing a cut text can shift a few tokens; retry shorter
+                if keep <= 0:
+                    break
+                tokens = self._pair(template, query, self.model.detokenize(doc_tokens[:keep]))
+                if len(tokens) <= self.limit:
+                    return tokens
+                keep -= len(tokens) - self.limit
+        raise ContextOverflow(
+            f"documents[{i}] with the query takes {len(tokens)} tokens, more than this model's limit of "
+            f"{self.limit} tokens per pair. Shorten the query or document (or enable truncate for this model).",
+            f"documents[{i}]",
+        )
+
+    def _sequences(self, query: str, documents: list[str], instruction: str) -> list[list[int]]:
+        template = self._template(instruction)
+        return [self._sequence(template, query, d, i) for i, d in enumerate(documents)]
+
+    def _to_score(self, out: Vector) -> float:
+        raise NotImplementedError
+
+    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
+        check_request(query, documents)
+        instr = instruction or self.settings.rerank_instruction
+        if sum(len(d) for d in documents) > 4096:  # tokenizing 64 long documents: off the event loop
+            seqs = await asyncio.to_thread(self._sequences, query, documents, instr)
+        else:
+            seqs = self._sequences(query, documents, instr)
+        outs = await self.batcher.run(seqs)
+        scores = [min(1.0, max(0.0, self._to_score(o))) for o in outs]
+        return RerankResult(scores, sum(len(s) for s in seqs))
+
+    def stats(self) -> dict[str, float]:
+        return self.batcher.stats()
+
+    def idle(self) -> bool:
+        return self.batcher.stats()["requests_in_progress"] == 0
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.ctx.close()
+
+
+class HeadScorer(_PairScorer):
+    kind = "head"
+
+    def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
+        labels = model.classifier_labels() or ["0"]
+        self.n_out = len(labels)
+        lower = [label.strip().lower() for label in labels]
+        self.positive = next((lower.index(p) for p in POSITIVE_LABELS if p in lower), 0)
+        self.softmaxed = model.architecture in SOFTMAX_HEAD_ARCHS
+        self.rerank_template = model.chat_template("rerank")
+        super().__init__(model, ms, limits, embedding_context(model, ms, "rank"))
+
+    def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
+        return ctx.seq_embedding(seq_id, self.n_out)
+
+    def _template(self, instruction: str) -> str | None:
+        t = self.rerank_template
+        if t is None:
+            return None
+        if "{instruction}" in t:
+            return t.replace("{instruction}", instruction)
+        # Converted Qwen3-Reranker templates carry the default instruction verbatim.
+        return t.replace(DEFAULT_RERANK_INSTRUCTION, instruction) if DEFAULT_RERANK_INSTRUCTION in t else t
+
+    def _to_score(self, out: Vector) -> float:
+        if self.n_out == 1:
+            return 1.0 / (1.0 + math.exp(-float(out[0])))
+        if self.softmaxed:
+            return float(out[self.positive])
+        z = out.astype(np.float64)
+        e = np.exp(z - z.max())
+        return float(e[self.positive] / e.sum())
+
+
+class CausalScorer(_PairScorer):
+    kind = "causal"
+
+    def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
+        yes, no = model.token_id("yes"), model.token_id("no")
+        if yes is None or no is None:
+            raise ValueError(
+                f"{model.path}: scorer 'causal' needs single 'yes' and 'no' tokens in the vocabulary"
+            )
+        self.yes, self.no = yes, no
+        super().__init__(model, ms, limits, embedding_context(model, ms, "unspecified", embeddings=False))
+
+    def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
+        row = ctx.logits(index)
+        return np.array([row[self.yes], row[self.no]], dtype=np.float32)
+
+    def _template(self, instruction: str) -> str | None:
+        return QWEN3_RERANK_PROMPT.replace("{instruction}", instruction)
+
+    def _to_score(self, out: Vector) -> float:
+        # softmax over (yes, no), as Qwen3-Reranker's model card computes it
+        return 1.0 / (1.0 + math.exp(float(out[1]) - float(out[0])))
+
+
+class EmbeddingScorer(Reranker):
+    """Bi-encoder: embed the query (with the embedder's query instruction) and the documents."""
+
+    kind = "embedding"
+
+    def __init__(self, embedder: Embedder, ms: ModelSettings) -> None:
+        self.embedder = embedder
+        self.settings = ms
+
+    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
+        check_request(query, documents)
+        instr = instruction or self.embedder.query_instruction
+        texts = [i for i, d in enumerate(documents) if d.strip()]  # empty documents score 0
+        # Query and documents go to the batcher together, so they share decodes.
+        calls = [self.embedder.embed([query], instruction=instr)]
+        if texts:
+            calls.append(self.embedder.embed([documents[i] for i in texts]))
+        results = await asyncio.gather(*calls)
+        qv = _unit(results[0].vectors[0])
+        scores = [0.0] * len(documents)
+        doc_vectors = results[1].vectors if texts else []
+        for i, v in zip(texts, doc_vectors, strict=True):
+            scores[i] = min(1.0, max(0.0, (float(np.dot(qv, _unit(v))) + 1.0) / 2.0))
+        return RerankResult(scores, sum(r.prompt_tokens for r in results))
+
+    def stats(self) -> dict[str, float]:
+        return {}  # the embedder reports under its own id
+
+    def close(self) -> None:
+        pass  # the embedder belongs to its own registry entry
+
+
+def _unit(v: Vector) -> Vector:
+    n = float(np.linalg.norm(v))
+    return v / n if n > 0 else v
+
+
+def make_reranker(
+    model: LlamaModel | None, ms: ModelSettings, limits: Limits, embedder_for: Callable[[str], Embedder]
+) -> Reranker:
+    """The scorer ms.scorer names; "auto" looks at the GGUF."""
+    kind = ms.scorer
+    if kind == "embedding":
+        if not ms.embedding_model:
+            raise ValueError(f"model {ms.id}: scorer 'embedding' needs embedding_model")
+        return EmbeddingScorer(embedder_for(ms.embedding_model), ms)
+    if model is None:
+        raise ValueError(f"model {ms.id}: scorer {kind!r} needs a GGUF file")
+    pooling = model.pooling_type
+    if kind == "auto":
+        if pooling == "rank":
+            kind = "head"
+        elif pooling in ("mean", "cls", "last"):
+            raise ValueError(
+                f"model {ms.id}: {model.path.name} is an embedding model ({pooling} pooling); serve it as an "
+                "embedding model and set scorer = 'embedding', embedding_model = '<its id>' here"
+            )
+        elif model.token_id("yes") is not None and model.token_id("no") is not None:
+            kind = "causal"
+        else:
+            raise ValueError(
+                f"model {ms.id}: {model.path.name} has neither a rank head nor single 'yes'/'no' tokens; "
+                "it cannot score pairs"
+            )
+    if kind == "head":
+        if pooling != "rank" and ms.pooling != "rank":
+            raise ValueError(
+                f"model {ms.id}: scorer 'head' needs a GGUF with rank pooling (this one: {pooling})"
+            )
+        return HeadScorer(model, ms, limits)
+    return CausalScorer(model, ms, limits)
