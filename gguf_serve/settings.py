@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -21,6 +21,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
     TomlConfigSettingsSource,
@@ -88,7 +89,7 @@ class ModelSettings(BaseModel):
     # chat
     chat_template: str | None = Field(None, description="a Jinja template, or a path to one")
     reasoning: bool = Field(True, description="parse <think>...</think> into reasoning_content")
-    sampling: SamplingDefaults = Field(default_factory=SamplingDefaults)
+    sampling: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
 
     # embedding
     pooling: Pooling | None = Field(None, description="None: from the GGUF metadata")
@@ -160,13 +161,13 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
 
-    api_keys: list[SecretStr] = Field(default_factory=list)
+    api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None
     metrics_public: bool = False
-    cors_origins: list[str] = Field(default_factory=list)
+    cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     shutdown_grace_s: float = Field(30.0, ge=0)
 
-    limits: Limits = Field(default_factory=Limits)
+    limits: Limits = Field(default_factory=lambda: Limits())
     models: list[ModelSettings] = Field(default_factory=list)
 
     @field_validator("api_keys", "cors_origins", mode="before")

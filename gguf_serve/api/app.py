@@ -1,0 +1,77 @@
+"""The FastAPI application: routes, error shapes, middleware, and the models' lifecycle."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI
+
+from gguf_serve import __version__
+from gguf_serve.api.errors import install_error_handlers
+from gguf_serve.api.observability import Metrics, install_observability
+from gguf_serve.api.routes import chat, completions, models
+from gguf_serve.api.security import install_security
+from gguf_serve.engine.registry import ModelRegistry
+from gguf_serve.settings import Settings
+
+log = logging.getLogger("gguf_serve.app")
+
+IDLE_CHECK_S = 5.0
+
+
+def create_app(
+    settings: Settings, registry: ModelRegistry, on_fatal: Callable[[], None] | None = None
+) -> FastAPI:
+    """`on_fatal` is called when a model fails to load, so the process can exit non-zero."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.draining = False
+
+        async def load() -> None:
+            # Loading runs off the event loop: /health answers 503 meanwhile.
+            await asyncio.to_thread(registry.load_all)
+            if registry.failures:
+                for failure in registry.failures:
+                    log.error("cannot serve %s", failure)
+                if on_fatal is not None:
+                    on_fatal()
+            else:
+                log.info("all models ready: %s", ", ".join(ms.id for ms in settings.models))
+
+        async def unload_idle() -> None:
+            while True:
+                await asyncio.sleep(IDLE_CHECK_S)
+                registry.unload_idle()
+
+        tasks = [asyncio.create_task(load())]
+        if any(ms.keep_alive for ms in settings.models):
+            tasks.append(asyncio.create_task(unload_idle()))
+        try:
+            yield
+        finally:
+            app.state.draining = True
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await asyncio.to_thread(registry.close)
+
+    app = FastAPI(title="gguf-serve", version=__version__, lifespan=lifespan)
+    app.state.settings = settings
+    app.state.registry = registry
+    install_error_handlers(app)
+    extra = [
+        importlib.import_module(f"gguf_serve.api.routes.{n}")
+        for n in ("embeddings", "rerank")
+        if importlib.util.find_spec(f"gguf_serve.api.routes.{n}")
+    ]  # TODO
+    for module in (chat, completions, *extra, models):
+        app.include_router(module.router)
+    # Middleware added last runs first: the access log sees every request, 401 and 413 included.
+    install_security(app, settings)
+    install_observability(app, settings, Metrics(), registry.stats)
+    return app

@@ -1,0 +1,145 @@
+"""POST /v1/completions: raw prompts (a string, several strings, or token ids)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+from sse_starlette.sse import EventSourceResponse
+
+from gguf_serve.api.protocol.common import usage
+from gguf_serve.api.protocol.completions import CompletionRequest, legacy_logprobs
+from gguf_serve.api.serving import Deadline, ServingContext
+from gguf_serve.engine.requests import Finished, TextChunk, TokenLogprob
+from gguf_serve.engine.scheduler import Generation
+
+router = APIRouter()
+
+
+@router.post("/v1/completions")
+@router.post("/completions", include_in_schema=False)
+async def create_completion(body: CompletionRequest, request: Request) -> Response:
+    ctx = await ServingContext.for_request(request, body.model, "chat")
+    params_for = lambda: body.sampling_params(  # noqa: E731 - each prompt gets its own params
+        ctx.loaded.settings.sampling, ctx.limits, body.max_tokens, body.logprobs
+    )
+    gens: list[Generation] = []
+    try:
+        for prompt in body.prompts(ctx.limits.max_inputs):
+            gens.append(ctx.loaded.engine.start_completion(prompt, params_for()))
+    except Exception:
+        for g in gens:
+            g.cancel()
+        raise
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    if body.stream:
+        return EventSourceResponse(_stream(ctx, gens, rid, body.include_usage), sep="\n", ping=15)
+    results = await asyncio.gather(*(_collect(ctx, g) for g in gens))
+    choices = []
+    total = [0, 0, 0]
+    for i, (text, lps, fin) in enumerate(results):
+        choices.append(
+            {
+                "index": i,
+                "text": text,
+                "logprobs": legacy_logprobs(lps, 0) if body.logprobs is not None else None,
+                "finish_reason": fin.reason,
+            }
+        )
+        total[0] += fin.prompt_tokens
+        total[1] += fin.completion_tokens
+        total[2] += fin.cached_tokens
+    return JSONResponse(
+        {
+            "id": rid,
+            "object": "text_completion",
+            "created": ctx.created,
+            "model": ctx.model_name,
+            "choices": choices,
+            "usage": usage(*total),
+        }
+    )
+
+
+async def _collect(ctx: ServingContext, gen: Generation) -> tuple[str, list[TokenLogprob], Finished]:
+    parts: list[str] = []
+    lps: list[TokenLogprob] = []
+    fin: Finished | None = None
+    async with Deadline(ctx.limits.request_timeout_s, gen.cancel):
+        async for ev in gen:
+            if isinstance(ev, TextChunk):
+                ctx.first_token()
+                parts.append(ev.text)
+                lps.extend(ev.logprobs or [])
+            else:
+                fin = ev
+    return "".join(parts), lps, ctx.finished(fin)
+
+
+async def _stream(
+    ctx: ServingContext, gens: list[Generation], rid: str, include_usage: bool
+) -> AsyncIterator[str]:
+    # Several prompts stream interleaved, each chunk tagged with its choice index.
+    queue: asyncio.Queue[tuple[int, TextChunk | Finished | None]] = asyncio.Queue()
+
+    async def pump(i: int, gen: Generation) -> None:
+        async for ev in gen:
+            await queue.put((i, ev))
+        await queue.put((i, None))
+
+    def chunk(i: int, text: str, finish: str | None, logprobs: Any = None) -> str:
+        choice = {"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish}
+        return json.dumps(
+            {
+                "id": rid,
+                "object": "text_completion",
+                "created": ctx.created,
+                "model": ctx.model_name,
+                "choices": [choice],
+            },
+            ensure_ascii=False,
+        )
+
+    tasks = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
+    totals = [0, 0, 0]
+    offsets = [0] * len(gens)
+    try:
+        open_streams = len(gens)
+        async with Deadline(ctx.limits.request_timeout_s, lambda: [g.cancel() for g in gens] and None):
+            while open_streams:
+                i, ev = await queue.get()
+                if ev is None:
+                    open_streams -= 1
+                elif isinstance(ev, TextChunk):
+                    ctx.first_token()
+                    lp = legacy_logprobs(ev.logprobs, offsets[i]) if ev.logprobs else None
+                    offsets[i] += len(ev.text)
+                    yield chunk(i, ev.text, None, lp)
+                else:
+                    fin = ctx.finished(ev)
+                    totals[0] += fin.prompt_tokens
+                    totals[1] += fin.completion_tokens
+                    totals[2] += fin.cached_tokens
+                    yield chunk(i, "", fin.reason)
+        if include_usage:
+            yield json.dumps(
+                {
+                    "id": rid,
+                    "object": "text_completion",
+                    "created": ctx.created,
+                    "model": ctx.model_name,
+                    "choices": [],
+                    "usage": usage(*totals),
+                }
+            )
+        yield "[DONE]"
+    finally:
+        for g in gens:
+            g.cancel()
+        for t in tasks:
+            t.cancel()

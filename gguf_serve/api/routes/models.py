@@ -1,0 +1,63 @@
+"""GET /v1/models, /health and /ready."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
+
+from gguf_serve.engine.registry import LoadState
+
+router = APIRouter()
+_CREATED = int(time.time())
+
+
+@router.get("/v1/models")
+@router.get("/models", include_in_schema=False)
+async def list_models(request: Request) -> dict[str, Any]:
+    data = []
+    for ms, state, loaded in request.app.state.registry.entries():
+        n_ctx = getattr(loaded.engine, "n_ctx", None) if loaded is not None else None
+        info: dict[str, Any] = {
+            "object": "model",
+            "created": _CREATED,
+            "owned_by": "gguf-serve",
+            "role": ms.role,
+            # RAGFlow's model discovery reads model_type.
+            "model_type": {"chat": "chat", "embedding": "embedding", "rerank": "rerank"}[ms.role],
+            "context_length": n_ctx or ms.n_ctx,
+            "max_model_len": n_ctx or ms.n_ctx,
+            "loaded": state is LoadState.READY,
+            "state": state.value,
+        }
+        if ms.role == "rerank":
+            info["scorer"] = getattr(loaded.engine, "kind", ms.scorer) if loaded is not None else ms.scorer
+        for name in ms.names:
+            data.append({"id": name, **info, **({"alias_of": ms.id} if name != ms.id else {})})
+    return {"object": "list", "data": data}
+
+
+@router.get("/health")
+async def health(request: Request) -> JSONResponse:
+    """Liveness: 503 while the models load (or if one failed), 200 once serving."""
+    registry = request.app.state.registry
+    if getattr(request.app.state, "draining", False):
+        return JSONResponse({"status": "shutting down"}, status_code=503)
+    if registry.failures:
+        return JSONResponse({"status": "error", "errors": registry.failures}, status_code=503)
+    if not registry.ready:
+        return JSONResponse({"status": "loading"}, status_code=503)
+    return JSONResponse({"status": "ok"})
+
+
+@router.get("/ready")
+async def ready(request: Request) -> JSONResponse:
+    """Readiness: every model that is not lazily loaded is ready."""
+    registry = request.app.state.registry
+    states = {ms.id: state.value for ms, state, _ in registry.entries()}
+    ok = registry.ready and not registry.failures and not getattr(request.app.state, "draining", False)
+    return JSONResponse(
+        {"status": "ready" if ok else "not ready", "models": states}, status_code=200 if ok else 503
+    )

@@ -1,0 +1,159 @@
+"""The `gguf-serve` command: serve (the default), config, chat, convert, models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from gguf_serve.settings import Settings, SettingsError, load_settings
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=False,
+    help="Serve GGUF chat, embedding and rerank models over the OpenAI API; convert checkpoints to GGUF.",
+    pretty_exceptions_enable=False,
+)
+
+ProfileOpt = Annotated[
+    str | None, typer.Option("--profile", "-p", help="demo | cpu | cuda | path/to/profile.toml", envvar=None)
+]
+
+
+def fail(message: str, code: int = 2) -> typer.Exit:
+    """One line on stderr, no traceback."""
+    typer.echo(f"gguf-serve: error: {message}", err=True)
+    return typer.Exit(code)
+
+
+def _settings(profile: str | None, **overrides: object) -> Settings:
+    try:
+        return load_settings(profile, **overrides)
+    except SettingsError as e:
+        raise fail(str(e)) from None
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
+
+
+@app.command()
+def serve(
+    profile: ProfileOpt = None,
+    host: Annotated[str | None, typer.Option(help="bind address (default 127.0.0.1)")] = None,
+    port: Annotated[int | None, typer.Option(help="port (default 8000)")] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option("--api-key", help="accepted API key (repeatable)")
+    ] = None,
+    models_dir: Annotated[Path | None, typer.Option(help="where relative model files live")] = None,
+    n_gpu_layers: Annotated[
+        str | None, typer.Option(help="override every model's n_gpu_layers (a number, -1 = all, or auto)")
+    ] = None,
+    log_level: Annotated[str | None, typer.Option(help="debug | info | warning | error")] = None,
+) -> None:
+    """Serve the models a profile names (the default command)."""
+    import uvicorn
+
+    from gguf_serve.api.app import create_app
+    from gguf_serve.engine.llama_runtime import ModelLoadError
+    from gguf_serve.engine.registry import ModelRegistry
+
+    settings = _settings(
+        profile, host=host, port=port, api_keys=api_key or None, models_dir=models_dir, log_level=log_level
+    )
+    if n_gpu_layers is not None:
+        value: int | str = (
+            n_gpu_layers if n_gpu_layers == "auto" else _int_option("--n-gpu-layers", n_gpu_layers)
+        )
+        settings.models = [m.model_copy(update={"n_gpu_layers": value}) for m in settings.models]
+    if not settings.models:
+        raise fail("the profile names no models; add [[models]] entries or choose --profile demo")
+    _setup_logging(settings.log_level)
+    try:
+        keys = settings.all_api_keys()
+        registry = ModelRegistry(settings)
+        registry.resolve_files()
+    except (SettingsError, ModelLoadError) as e:
+        raise fail(str(e)) from None
+    if settings.host not in ("127.0.0.1", "localhost", "::1") and not keys:
+        logging.getLogger("gguf_serve").warning(
+            "serving on %s without API keys: anyone who can reach this port can use the models", settings.host
+        )
+    exit_code = 0
+    server: uvicorn.Server | None = None
+
+    def on_fatal() -> None:
+        nonlocal exit_code
+        exit_code = 1
+        if server is not None:
+            server.should_exit = True
+
+    config = uvicorn.Config(
+        create_app(settings, registry, on_fatal),
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # our own access log has the request id and the model
+        timeout_graceful_shutdown=int(settings.shutdown_grace_s),
+    )
+    server = uvicorn.Server(config)
+    server.run()
+    if exit_code:
+        raise fail("; ".join(registry.failures) or "a model failed to load", exit_code)
+
+
+def _int_option(name: str, value: str) -> int:
+    try:
+        return int(value)
+    except ValueError:
+        raise fail(f"{name} must be a number or 'auto', not {value!r}") from None
+
+
+@app.command()
+def config(profile: ProfileOpt = None) -> None:
+    """Print the effective settings (profile < .env < environment < flags), secrets masked."""
+    typer.echo(json.dumps(_settings(profile).masked_dump(), indent=2))
+
+
+@app.command()
+def chat(
+    url: Annotated[str, typer.Option(help="server base URL")] = "http://127.0.0.1:8000",
+    model: Annotated[str | None, typer.Option(help="model id (default: the first chat model)")] = None,
+    api_key: Annotated[str | None, typer.Option(envvar="GGUF_SERVE_API_KEY", help="API key")] = None,
+    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
+) -> None:
+    """A terminal chat with a running server: streaming, history, /clear, /quit."""
+    from gguf_serve.chat_client import run_chat
+
+    run_chat(url, model, api_key, system)
+
+
+def _register_optional() -> None:
+    from gguf_serve.convert.commands import register
+
+    register(app)
+
+
+COMMANDS = {"serve", "config", "chat", "convert", "models"}
+
+
+def main() -> None:
+    try:
+        _register_optional()
+    except ImportError:  # pragma: no cover - TODO remove once convert lands
+        pass
+    argv = sys.argv[1:]
+    # `gguf-serve --profile demo` serves: serving is the default command.
+    if not argv or (argv[0] not in COMMANDS and argv[0] not in ("--help", "-h")):
+        sys.argv.insert(1, "serve")
+    app()
+
+
+if __name__ == "__main__":
+    main()
