@@ -95,6 +95,10 @@ class _PairScorer(Reranker):
         self.ctx = ctx
         self.batcher = SequenceBatcher(ctx, self._readout, ms.id, limits.max_queue)
 
+    @property
+    def n_ctx(self) -> int:
+        return self.limit
+
     def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
         raise NotImplementedError
 
@@ -230,6 +234,10 @@ class EmbeddingScorer(Reranker):
     def __init__(self, embedder: Embedder, ms: ModelSettings) -> None:
         self.embedder = embedder
         self.settings = ms
+
+    @property
+    def n_ctx(self) -> int:
+        return self.embedder.n_ctx
 
     async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
         check_request(query, documents)
