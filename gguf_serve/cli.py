@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -103,9 +104,17 @@ def serve(
         timeout_graceful_shutdown=int(settings.shutdown_grace_s),
     )
     server = uvicorn.Server(config)
+    # uvicorn drains in-flight requests on SIGTERM/SIGINT, then restores the previous
+    # handlers and re-raises the signal: make that a clean exit 0 instead of death by signal.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, _exit_after_drain)
     server.run()
     if exit_code:
         raise fail("; ".join(registry.failures) or "a model failed to load", exit_code)
+
+
+def _exit_after_drain(signum: int, _frame: object) -> None:
+    raise SystemExit(0)
 
 
 def _int_option(name: str, value: str) -> int:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -106,10 +107,8 @@ def _normalise_tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, 
         fn = dict(call.get("function") or {})
         args = fn.get("arguments")
         if isinstance(args, str):
-            try:
+            with contextlib.suppress(json.JSONDecodeError):
                 fn["arguments"] = json.loads(args) if args.strip() else {}
-            except json.JSONDecodeError:
-                pass
         out.append({**call, "function": fn, "name": fn.get("name"), "arguments": fn.get("arguments")})
     return out
 
