@@ -1,0 +1,46 @@
+"""Quantize a GGUF file with libllama's llama_model_quantize (through llama_cpp)."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import llama_cpp
+
+from gguf_serve.convert.errors import ConvertError
+from gguf_serve.convert.writer import atomic_path
+
+
+def quant_types() -> dict[str, int]:
+    """llama.cpp file type names (Q4_K_M, Q8_0, F16, ...) -> LLAMA_FTYPE values."""
+    types: dict[str, int] = {}
+    for attr in dir(llama_cpp):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            types[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
+    types["F32"] = int(llama_cpp.LLAMA_FTYPE_ALL_F32)
+    return types
+
+
+def normalize_type(type_name: str) -> str:
+    name = type_name.strip().upper()
+    if name not in quant_types():
+        raise ConvertError(
+            f"unknown quantization type {type_name!r}; choose one of {', '.join(sorted(quant_types()))}"
+        )
+    return name
+
+
+def quantize_gguf(src: Path, dst: Path, type_name: str, threads: int | None = None) -> Path:
+    """Write dst as the type_name quantization of src (atomically); returns dst."""
+    name = normalize_type(type_name)
+    if not src.is_file():
+        raise ConvertError(f"{src}: no such GGUF file to quantize")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = quant_types()[name]
+    params.nthread = threads or os.cpu_count() or 1
+    with atomic_path(dst) as tmp:
+        rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
+        if rc != 0 or not tmp.is_file():
+            raise ConvertError(f"llama.cpp could not quantize {src.name} to {name} (code {rc})")
+    return dst
