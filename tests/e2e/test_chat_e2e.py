@@ -109,9 +109,7 @@ def test_cancelled_stream_frees_its_slot(client: openai.OpenAI, demo_server: str
         stream=True,
         extra_body={"ignore_eos": True},
     )
-    got = 0
-    for _ in stream:
-        got += 1
+    for got, _ in enumerate(stream, start=1):
         if got == 5:
             break
     assert _busy_slots(demo_server) >= 1

@@ -1,0 +1,84 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gguf_serve.settings import SettingsError, load_settings
+
+PROFILE = """
+port = 9001
+host = "127.0.0.1"
+[[models]]
+id = "m"
+file = "m.gguf"
+n_ctx = 1024
+[limits]
+max_queue = 3
+"""
+
+
+@pytest.fixture
+def profile(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for k in list(__import__("os").environ):
+        if k.startswith("GGUF_SERVE_"):
+            monkeypatch.delenv(k)
+    p = tmp_path / "p.toml"
+    p.write_text(PROFILE)
+    return p
+
+
+def test_profile_over_defaults(profile: Path) -> None:
+    s = load_settings(str(profile))
+    assert s.port == 9001 and s.limits.max_queue == 3 and s.models[0].n_ctx == 1024
+    assert s.models[0].parallel == 4  # default
+
+
+def test_dotenv_over_profile_env_over_dotenv_cli_over_env(
+    profile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (profile.parent / ".env").write_text("GGUF_SERVE_PORT=9002\nGGUF_SERVE_LIMITS__MAX_QUEUE=4\n")
+    s = load_settings(str(profile))
+    assert s.port == 9002 and s.limits.max_queue == 4
+    monkeypatch.setenv("GGUF_SERVE_PORT", "9003")
+    assert load_settings(str(profile)).port == 9003
+    assert load_settings(str(profile), port=9004).port == 9004
+
+
+def test_api_keys_comma_separated_and_masked(profile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GGUF_SERVE_API_KEYS", "k1, k2")
+    s = load_settings(str(profile))
+    assert s.all_api_keys() == ["k1", "k2"]
+    assert s.masked_dump()["api_keys"] == ["***", "***"]
+    assert "k1" not in repr(s)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ('[[models]]\nid = "m2"\nfile = "x"\nn_ctx = "big"\n', "models.1.n_ctx"),
+        ('[[models]]\nid = "m"\nfile = "x"\n', "used by both"),
+        ('[[models]]\nid = "e"\nfile = "x"\nn_batch = 8\nn_ubatch = 16\n', "n_ubatch"),
+        ('[[models]]\nid = "r"\nrole = "rerank"\nfile = "x"\nscorer = "embedding"\n', "embedding_model"),
+        ('[[models]]\nid = "q"\nfile = "x"\nsame_weights_as = "zz"\n', "names no model"),
+        ('[[models]]\nid = "q"\nfile = "x"\nunknown_knob = 1\n', "unknown_knob"),
+    ],
+)
+def test_wrong_setting_is_one_clear_message(profile: Path, extra: str, needle: str) -> None:
+    profile.write_text(PROFILE + extra)
+    with pytest.raises(SettingsError) as e:
+        load_settings(str(profile))
+    msg = str(e.value)
+    assert needle in msg and "\n" not in msg and str(profile) in msg
+
+
+def test_unknown_profile_lists_choices() -> None:
+    with pytest.raises(SettingsError, match="choose one of"):
+        load_settings("no-such-profile")
+
+
+def test_shipped_profiles_parse() -> None:
+    for name in ("demo", "cpu", "cuda"):
+        s = load_settings(name)
+        assert s.models and {m.role for m in s.models} == {"chat", "embedding", "rerank"}
