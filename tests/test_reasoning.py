@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import pytest
 
+from gguf_serve.engine.chat import ChatStream
 from gguf_serve.engine.reasoning import ReasoningParser
 
 
@@ -17,8 +18,13 @@ def test_think_block_is_reasoning_in_any_split(split: int) -> None:
     reasoning, content, steps = run(ReasoningParser(), pieces)
     assert reasoning == "\nLet me add 2 and 2.\n"
     assert content == "The answer is 4."
-    for r, c in steps:  # never both in one step
-        assert not (r and c)
+    assert len(steps) == len(pieces) + 1
+
+
+def test_reasoning_and_content_never_share_a_delta() -> None:
+    stream = ChatStream(None, ReasoningParser(), None)  # type: ignore[arg-type]
+    deltas = stream._split("<think>plan</think>\n\nanswer") + stream._split("", final=True)
+    assert [(d.reasoning, d.content) for d in deltas] == [("plan", ""), ("", "answer")]
 
 
 def test_template_opened_think_in_prompt() -> None:
