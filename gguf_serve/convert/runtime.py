@@ -81,6 +81,10 @@ def _context(model: Any, n_ctx: int, embeddings: bool, n_seq: int = 1, threads: 
     cparams.n_threads = threads
     cparams.n_threads_batch = threads
     cparams.embeddings = embeddings
+    # an F32 KV cache: verification compares against float32 references
+    cparams.type_k = llama_cpp.GGML_TYPE_F32
+    cparams.type_v = llama_cpp.GGML_TYPE_F32
+    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
     ctx = llama_cpp.llama_init_from_model(model, cparams)
     if not ctx:
         raise ConvertError("llama.cpp cannot create a context for this model")
