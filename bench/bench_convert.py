@@ -40,7 +40,10 @@ def make_checkpoint(dest: Path, size_mb: int) -> tuple[Path, int]:
     def w(*shape: int) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * 0.02).astype(np.float16)
 
-    shard: dict[str, np.ndarray] = {"model.embed_tokens.weight": w(vocab, hidden), "model.norm.weight": w(hidden)}
+    shard: dict[str, np.ndarray] = {
+        "model.embed_tokens.weight": w(vocab, hidden),
+        "model.norm.weight": w(hidden),
+    }
     weight_map = {k: "model-00000.safetensors" for k in shard}
     save_file(shard, str(dest / "model-00000.safetensors"))
     for i in range(n_layers):
@@ -82,10 +85,10 @@ def make_checkpoint(dest: Path, size_mb: int) -> tuple[Path, int]:
 
 def run_case(label: str, source: Path, out: Path, outtype: str) -> dict[str, object]:
     code = (
-        "import sys; from pathlib import Path; sys.path.insert(0, %r)\n"
+        f"import sys; from pathlib import Path; sys.path.insert(0, {str(ROOT)!r})\n"
         "from gguf_serve.convert.converter import convert_checkpoint\n"
-        "convert_checkpoint(Path(%r), Path(%r), %r)\n"
-    ) % (str(ROOT), str(source), str(out), outtype)
+        f"convert_checkpoint(Path({str(source)!r}), Path({str(out)!r}), {outtype!r})\n"
+    )
     t0 = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-c", code])
     _, status, usage = os.wait4(proc.pid, 0)
