@@ -247,7 +247,12 @@ class EmbeddingScorer(Reranker):
         calls = [self.embedder.embed([query], instruction=instr)]
         if texts:
             calls.append(self.embedder.embed([documents[i] for i in texts]))
-        results = await asyncio.gather(*calls)
+        try:
+            results = await asyncio.gather(*calls)
+        except ContextOverflow as e:
+            raise ContextOverflow(
+                e.message.replace("Input has", "The query or a document has"), "documents"
+            ) from None
         qv = _unit(results[0].vectors[0])
         scores = [0.0] * len(documents)
         doc_vectors = results[1].vectors if texts else []
