@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from gguf_serve.convert.commands import register as register_convert_commands
 from gguf_serve.settings import Settings, SettingsError, load_settings
 
 app = typer.Typer(
@@ -143,20 +144,12 @@ def chat(
     run_chat(url, model, api_key, system)
 
 
-def _register_optional() -> None:
-    from gguf_serve.convert.commands import register
-
-    register(app)
-
+register_convert_commands(app)  # convert, models
 
 COMMANDS = {"serve", "config", "chat", "convert", "models"}
 
 
 def main() -> None:
-    try:
-        _register_optional()
-    except ImportError:  # pragma: no cover - TODO remove once convert lands
-        pass
     argv = sys.argv[1:]
     # `gguf-serve --profile demo` serves: serving is the default command.
     if not argv or (argv[0] not in COMMANDS and argv[0] not in ("--help", "-h")):

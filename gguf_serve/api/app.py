@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import importlib
 import logging
 from collections.abc import AsyncIterator, Callable
 
@@ -13,7 +12,7 @@ from fastapi import FastAPI
 from gguf_serve import __version__
 from gguf_serve.api.errors import install_error_handlers
 from gguf_serve.api.observability import Metrics, install_observability
-from gguf_serve.api.routes import chat, completions, models
+from gguf_serve.api.routes import chat, completions, embeddings, models, rerank
 from gguf_serve.api.security import install_security
 from gguf_serve.engine.registry import ModelRegistry
 from gguf_serve.settings import Settings
@@ -64,12 +63,7 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
-    extra = [
-        importlib.import_module(f"gguf_serve.api.routes.{n}")
-        for n in ("embeddings", "rerank")
-        if importlib.util.find_spec(f"gguf_serve.api.routes.{n}")
-    ]  # TODO
-    for module in (chat, completions, *extra, models):
+    for module in (chat, completions, embeddings, rerank, models):
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)

@@ -60,7 +60,7 @@ def _route_llama_logs() -> None:
     global _log_callback
     levels = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN/ERROR; INFO/DEBUG/CONT -> debug
 
-    @llama.llama_log_callback  # type: ignore[untyped-decorator]
+    @llama.llama_log_callback
     def _cb(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if text:
             log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
@@ -233,7 +233,7 @@ class LlamaContext:
         cp.n_threads_batch = p.n_threads_batch
         cp.embeddings = p.embeddings
         cp.pooling_type = POOLING_TYPES[p.pooling]
-        cp.flash_attn_type = FLASH_ATTN[p.flash_attn]  # type: ignore[index]
+        cp.flash_attn_type = FLASH_ATTN[p.flash_attn]
         cp.type_k = GGML_TYPES[p.type_k]
         cp.type_v = GGML_TYPES[p.type_v]
         cp.kv_unified = p.kv_unified
@@ -320,7 +320,7 @@ class Batch:
     def free(self) -> None:
         if self.raw is not None:
             llama.llama_batch_free(self.raw)
-            self.raw = None  # type: ignore[assignment]
+            self.raw = None
 
     @property
     def space(self) -> int:

@@ -35,7 +35,7 @@ class SamplerChain:
                 if not 0 <= tok < model.n_vocab:
                     self.free()
                     raise InvalidRequest(f"logit_bias token {tok} is outside the vocabulary", "logit_bias")
-                arr[i].token = tok
+                arr[i].token = tok  # type: ignore[assignment]  # ctypes converts
                 arr[i].bias = bias
             add(llama.llama_sampler_init_logit_bias(model.n_vocab, n, arr))
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:

@@ -72,7 +72,7 @@ class SamplingFields(BaseModel):
             seed=self.seed,
             logit_bias=bias,
             max_tokens=wanted,
-            stop=list(self.stop or []),  # type: ignore[arg-type]
+            stop=list(self.stop or []),
             logprobs=logprobs is not None,
             top_logprobs=logprobs or 0,
             ignore_eos=self.ignore_eos,

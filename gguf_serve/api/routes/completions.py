@@ -33,8 +33,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
         for prompt in body.prompts(ctx.limits.max_inputs):
             gens.append(ctx.loaded.engine.start_completion(prompt, params_for()))
     except Exception:
-        for g in gens:
-            g.cancel()
+        _cancel_all(gens)
         raise
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
@@ -81,6 +80,11 @@ async def _collect(ctx: ServingContext, gen: Generation) -> tuple[str, list[Toke
     return "".join(parts), lps, ctx.finished(fin)
 
 
+def _cancel_all(gens: list[Generation]) -> None:
+    for g in gens:
+        g.cancel()
+
+
 async def _stream(
     ctx: ServingContext, gens: list[Generation], rid: str, include_usage: bool
 ) -> AsyncIterator[str]:
@@ -110,7 +114,7 @@ async def _stream(
     offsets = [0] * len(gens)
     try:
         open_streams = len(gens)
-        async with Deadline(ctx.limits.request_timeout_s, lambda: [g.cancel() for g in gens] and None):
+        async with Deadline(ctx.limits.request_timeout_s, lambda: _cancel_all(gens)):
             while open_streams:
                 i, ev = await queue.get()
                 if ev is None:
@@ -139,7 +143,6 @@ async def _stream(
             )
         yield "[DONE]"
     finally:
-        for g in gens:
-            g.cancel()
+        _cancel_all(gens)
         for t in tasks:
             t.cancel()
