@@ -88,6 +88,10 @@ class TextChunk:
     n_tokens: int
     logprobs: list[TokenLogprob] | None = None
 
+    def merged(self, later: TextChunk) -> TextChunk:
+        logprobs = (self.logprobs or []) + (later.logprobs or [])
+        return TextChunk(self.text + later.text, self.n_tokens + later.n_tokens, logprobs or None)
+
 
 @dataclass
 class Finished:

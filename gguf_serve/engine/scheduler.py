@@ -17,7 +17,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,14 +39,13 @@ from gguf_serve.engine.text_stream import StopTextStream
 
 log = logging.getLogger("gguf_serve.scheduler")
 
-Emit = Callable[[GenerationEvent], None]
-
 
 @dataclass(eq=False)
 class Job:
     prompt: list[int]
     params: SamplingParams
-    emit: Emit
+    loop: asyncio.AbstractEventLoop
+    queue: asyncio.Queue[GenerationEvent]
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -58,15 +57,25 @@ class Job:
 class Generation:
     """The events of one request: TextChunk..., then one Finished. Closing early cancels."""
 
-    def __init__(self, scheduler: ChatScheduler, job: Job, queue: asyncio.Queue[GenerationEvent]) -> None:
+    def __init__(self, scheduler: ChatScheduler, job: Job) -> None:
         self._scheduler = scheduler
         self.job = job
-        self._queue = queue
 
     async def __aiter__(self) -> AsyncIterator[GenerationEvent]:
+        queue = self.job.queue
+        held: GenerationEvent | None = None
         try:
             while True:
-                ev = await self._queue.get()
+                ev = held if held is not None else await queue.get()
+                held = None
+                # A reader that fell behind gets the tokens waiting for it as one chunk:
+                # fewer, larger SSE events when the machine is busy, none delayed.
+                while isinstance(ev, TextChunk) and not queue.empty():
+                    nxt = queue.get_nowait()
+                    if isinstance(nxt, TextChunk):
+                        ev = ev.merged(nxt)
+                    else:
+                        held = nxt
                 yield ev
                 if isinstance(ev, Finished):
                     return
@@ -102,6 +111,11 @@ class Slot:
     batch_index: int = -1  # where this slot's logits are in the current batch
 
 
+def _deliver(items: list[tuple[Job, GenerationEvent]]) -> None:
+    for job, ev in items:
+        job.queue.put_nowait(ev)
+
+
 def common_prefix_len(a: list[int], b: list[int]) -> int:
     n = min(len(a), len(b))
     if n == 0:
@@ -123,6 +137,7 @@ class ChatScheduler:
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._outbox: list[tuple[Job, GenerationEvent]] = []
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
         self.tokens_generated = 0
@@ -145,9 +160,10 @@ class ChatScheduler:
                 "max_tokens",
             )
 
-    def submit(self, prompt: list[int], params: SamplingParams, emit: Emit) -> Job:
+    def submit(self, prompt: list[int], params: SamplingParams) -> Job:
+        """Queue a request. Call from the event loop that will read its events."""
         self.check_fits(len(prompt), params.max_tokens)
-        job = Job(prompt=prompt, params=params, emit=emit)
+        job = Job(prompt=prompt, params=params, loop=asyncio.get_running_loop(), queue=asyncio.Queue())
         with self._cv:
             if self._stopping:
                 raise NotReady(f"model {self.name} is shutting down")
@@ -165,14 +181,7 @@ class ChatScheduler:
     def start(self, prompt: list[int], params: SamplingParams) -> Generation:
         """Queue a request (raising ContextOverflow/QueueFull now, before any response
         starts) and return the stream of its events. Call from the event loop."""
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-
-        def emit(ev: GenerationEvent) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is listening
-                loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        return Generation(self, self.submit(prompt, params, emit), queue)
+        return Generation(self, self.submit(prompt, params))
 
     def wake(self) -> None:
         with self._cv:
@@ -212,6 +221,7 @@ class ChatScheduler:
                 self._drop_cancelled()
                 self._admit()
                 self._step()
+                self._flush()
             except Exception:  # never let one bad step kill the scheduler
                 log.exception("scheduler step failed for %s", self.name)
                 for s in self.slots:
@@ -219,11 +229,28 @@ class ChatScheduler:
                         self._finish(s, "error", error="internal error in the scheduler")
                     self.ctx.seq_rm(s.seq_id)
                     s.cached = []
+                self._flush()
         for s in self.slots:
             if s.job is not None:
                 self._finish(s, "cancelled")
         for job in self._waiting:
-            job.emit(Finished("cancelled", len(job.prompt), 0))
+            self._emit(job, Finished("cancelled", len(job.prompt), 0))
+        self._flush()
+
+    def _emit(self, job: Job, ev: GenerationEvent) -> None:
+        self._outbox.append((job, ev))
+
+    def _flush(self) -> None:
+        """Hand this step's events to their event loops: one wake-up per loop, not per token."""
+        if not self._outbox:
+            return
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[Job, GenerationEvent]]] = {}
+        for job, ev in self._outbox:
+            by_loop.setdefault(job.loop, []).append((job, ev))
+        self._outbox = []
+        for loop, items in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: nobody is listening
+                loop.call_soon_threadsafe(_deliver, items)
 
     def _drop_cancelled(self) -> None:
         with self._cv:
@@ -255,7 +282,7 @@ class ChatScheduler:
         try:
             slot.sampler = SamplerChain(self.model, p)
         except Exception as e:
-            job.emit(Finished("error", len(job.prompt), 0, error=str(e)))
+            self._emit(job, Finished("error", len(job.prompt), 0, error=str(e)))
             return
         slot.cached = job.prompt[:keep]
         slot.job = job
@@ -323,7 +350,7 @@ class ChatScheduler:
         text = s.stream.feed(self.model.token_bytes(token))
         lp = [self._token_logprob(token, logprobs)] if logprobs is not None else None
         if text or lp:
-            s.job.emit(TextChunk(text, 1, lp))
+            self._emit(s.job, TextChunk(text, 1, lp))
         if s.stream.stopped:
             self._finish(s, "stop")
         elif s.n_generated >= s.max_new or len(s.cached) + 1 >= self.n_ctx_seq:
@@ -337,8 +364,8 @@ class ChatScheduler:
         if s.stream is not None and not s.stream.stopped and reason in ("stop", "length"):
             tail = s.stream.flush()
             if tail:
-                job.emit(TextChunk(tail, 0))
-        job.emit(Finished(reason, len(job.prompt), s.n_generated, s.n_cached_at_start, error))
+                self._emit(job, TextChunk(tail, 0))
+        self._emit(job, Finished(reason, len(job.prompt), s.n_generated, s.n_cached_at_start, error))
         if s.sampler is not None:
             s.sampler.free()
         s.sampler = None
