@@ -230,6 +230,9 @@ def main() -> None:
     ap.add_argument("--n-batch", type=int, default=2048)
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument(
+        "--quant", default="F16", help="GGUF type of the MiniLM file (F16 as the demo profile, F32)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-embed.md")
     args = ap.parse_args()
 
@@ -245,6 +248,7 @@ def main() -> None:
     docs = make_texts(64, 150, seed=2)  # about 200 tokens each
     query = "Which passage talks about retrieval latency and the search index?"
 
+    load0 = f"{os.getloadavg()[0]:.2f}"
     st = st_rates(model_dir, texts, query, docs, args.repeats)
     print(
         f"sentence-transformers: {st['rate']:.1f} texts/s, rerank 64 docs {st['rerank_s'] * 1000:.0f} ms",
@@ -271,7 +275,9 @@ def main() -> None:
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}  ",
-        f"Model: all-MiniLM-L6-v2 (F16 GGUF, our converter) vs the same safetensors in sentence-transformers "
+        f"Load average before/after: {load0} / {os.getloadavg()[0]:.2f} (other work on the machine skews "
+        "both columns alike).  ",
+        f"Model: all-MiniLM-L6-v2 ({args.quant} GGUF, our converter) vs the same safetensors in sentence-transformers "
         f"(torch CPU, 2 threads). Server: n_batch={args.n_batch}, parallel={args.parallel}.  ",
         f"Texts: {args.texts} of {args.words} words (~{tok_per_text:.0f} tokens), requests of {BATCH}. "
         f"Rerank: 64 documents of ~{doc_tokens:.0f} tokens, median of {args.repeats}.",
