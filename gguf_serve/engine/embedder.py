@@ -387,6 +387,10 @@ class Embedder:
     def stats(self) -> dict[str, float]:
         return self.batcher.stats()
 
+    def idle(self) -> bool:
+        """No request in progress (the registry's keep_alive unloads only idle engines)."""
+        return self.batcher.stats()["requests_in_progress"] == 0
+
     def close(self) -> None:
         self.batcher.close()
         self.ctx.close()
