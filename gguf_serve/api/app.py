@@ -8,6 +8,7 @@ import logging
 from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
+from sse_starlette.sse import AppStatus
 
 from gguf_serve import __version__
 from gguf_serve.api.errors import install_error_handlers
@@ -54,11 +55,15 @@ def create_app(
             yield
         finally:
             app.state.draining = True
+            AppStatus.should_exit = True
             for t in tasks:
                 t.cancel()
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(registry.close)
 
+    # On SIGTERM, in-flight streams finish (uvicorn bounds the wait with shutdown_grace_s)
+    # instead of being cut by sse-starlette the moment the signal arrives.
+    AppStatus.disable_automatic_graceful_drain()
     app = FastAPI(title="gguf-serve", version=__version__, lifespan=lifespan)
     app.state.settings = settings
     app.state.registry = registry
