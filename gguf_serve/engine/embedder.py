@@ -265,7 +265,25 @@ def l2_normalize(v: Vector) -> Vector:
     return (v / norm).astype(np.float32) if norm > 0 else v.astype(np.float32)
 
 
-class Embedder:
+class BatchedEngine:
+    """An engine whose decodes all go through one SequenceBatcher over its own context."""
+
+    batcher: SequenceBatcher
+    ctx: LlamaContext
+
+    def stats(self) -> dict[str, float]:
+        return self.batcher.stats()
+
+    def idle(self) -> bool:
+        """No request in progress (the registry's keep_alive unloads only idle engines)."""
+        return self.batcher.stats()["requests_in_progress"] == 0
+
+    def close(self) -> None:
+        self.batcher.close()
+        self.ctx.close()
+
+
+class Embedder(BatchedEngine):
     """The engine of an embedding model: text or token ids in, pooled vectors out."""
 
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
@@ -383,14 +401,3 @@ class Embedder:
                 v = v[:dimensions]
             vectors.append(l2_normalize(v) if self.settings.normalize else v.astype(np.float32))
         return EmbeddingResult(vectors, sum(len(s) for s in seqs))
-
-    def stats(self) -> dict[str, float]:
-        return self.batcher.stats()
-
-    def idle(self) -> bool:
-        """No request in progress (the registry's keep_alive unloads only idle engines)."""
-        return self.batcher.stats()["requests_in_progress"] == 0
-
-    def close(self) -> None:
-        self.batcher.close()
-        self.ctx.close()

@@ -2,16 +2,10 @@
 
 from __future__ import annotations
 
+from gguf_serve.engine.text_stream import partial_tag_len
+
 THINK_OPEN = "<think>"
 THINK_CLOSE = "</think>"
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    """Length of the longest tail of text that is a proper prefix of tag."""
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 class ReasoningParser:
@@ -50,7 +44,7 @@ class ReasoningParser:
                     self._state = "content"
                     self._strip_leading = True
                     continue
-                keep = _partial_suffix(self._buf, THINK_CLOSE)
+                keep = partial_tag_len(self._buf, (THINK_CLOSE,))
                 reasoning += self._buf[: len(self._buf) - keep]
                 self._buf = self._buf[len(self._buf) - keep :]
                 break

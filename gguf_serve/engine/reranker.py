@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from gguf_serve.engine.embedder import Embedder, SequenceBatcher, Vector, embedding_context, seq_limit
+from gguf_serve.engine.embedder import (
+    BatchedEngine,
+    Embedder,
+    SequenceBatcher,
+    Vector,
+    embedding_context,
+    seq_limit,
+)
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
 from gguf_serve.settings import DEFAULT_RERANK_INSTRUCTION, Limits, ModelSettings
@@ -85,7 +92,7 @@ def fill(template: str, instruction: str, query: str, document: str) -> str:
     return "".join(out)
 
 
-class _PairScorer(Reranker):
+class _PairScorer(BatchedEngine, Reranker):
     """Shared by HeadScorer and CausalScorer: pair prompts -> one decode batch per many pairs."""
 
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits, ctx: LlamaContext) -> None:
@@ -156,16 +163,6 @@ class _PairScorer(Reranker):
         outs = await self.batcher.run(seqs)
         scores = [min(1.0, max(0.0, self._to_score(o))) for o in outs]
         return RerankResult(scores, sum(len(s) for s in seqs))
-
-    def stats(self) -> dict[str, float]:
-        return self.batcher.stats()
-
-    def idle(self) -> bool:
-        return self.batcher.stats()["requests_in_progress"] == 0
-
-    def close(self) -> None:
-        self.batcher.close()
-        self.ctx.close()
 
 
 class HeadScorer(_PairScorer):

@@ -3,6 +3,18 @@
 from __future__ import annotations
 
 import codecs
+from collections.abc import Sequence
+
+
+def partial_tag_len(text: str, tags: Sequence[str]) -> int:
+    """Length of the longest tail of text that is a proper prefix of one of the tags:
+    text that must be held back because the next token may complete a tag."""
+    longest = max((len(t) for t in tags), default=0)
+    for n in range(min(longest - 1, len(text)), 0, -1):
+        tail = text[-n:]
+        if any(t.startswith(tail) for t in tags):
+            return n
+    return 0
 
 
 class StopTextStream:
@@ -15,7 +27,6 @@ class StopTextStream:
     def __init__(self, stop: list[str]) -> None:
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._stops = [s for s in stop if s]
-        self._hold = max((len(s) for s in self._stops), default=0)
         self._pending = ""
         self.stopped = False
 
@@ -31,19 +42,10 @@ class StopTextStream:
             self._pending = ""
             self.stopped = True
             return out
-        keep = self._partial_stop_len()
+        keep = partial_tag_len(self._pending, self._stops)
         out = self._pending[: len(self._pending) - keep]
         self._pending = self._pending[len(self._pending) - keep :]
         return out
-
-    def _partial_stop_len(self) -> int:
-        """Length of the longest tail of pending text that is a prefix of some stop string."""
-        text = self._pending
-        for n in range(min(self._hold - 1, len(text)), 0, -1):
-            tail = text[-n:]
-            if any(s.startswith(tail) for s in self._stops):
-                return n
-        return 0
 
     def flush(self) -> str:
         """At the end of generation: whatever is still held is real text."""

@@ -6,16 +6,10 @@ import json
 import uuid
 
 from gguf_serve.engine.requests import ToolCall
+from gguf_serve.engine.text_stream import partial_tag_len
 
 OPEN = "<tool_call>"
 CLOSE = "</tool_call>"
-
-
-def _partial_suffix(text: str, tag: str) -> int:
-    for n in range(min(len(tag) - 1, len(text)), 0, -1):
-        if tag.startswith(text[-n:]):
-            return n
-    return 0
 
 
 def new_call_id() -> str:
@@ -41,7 +35,7 @@ class ToolCallParser:
             if not self._inside:
                 i = self._buf.find(OPEN)
                 if i < 0:
-                    keep = _partial_suffix(self._buf, OPEN)
+                    keep = partial_tag_len(self._buf, (OPEN,))
                     content += self._buf[: len(self._buf) - keep]
                     self._buf = self._buf[len(self._buf) - keep :]
                     break
