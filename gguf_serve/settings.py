@@ -6,6 +6,7 @@ Precedence, highest first: CLI flags (passed as init kwargs) > environment
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -174,7 +175,9 @@ class Settings(BaseSettings):
     @classmethod
     def _comma_separated(cls, v: Any) -> Any:
         # GGUF_SERVE_API_KEYS=a,b as well as a JSON list.
-        if isinstance(v, str) and not v.strip().startswith("["):
+        if isinstance(v, str):
+            if v.strip().startswith("["):
+                return json.loads(v)
             return [p.strip() for p in v.split(",") if p.strip()]
         return v
 

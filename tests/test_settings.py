@@ -52,6 +52,8 @@ def test_api_keys_comma_separated_and_masked(profile: Path, monkeypatch: pytest.
     assert s.all_api_keys() == ["k1", "k2"]
     assert s.masked_dump()["api_keys"] == ["***", "***"]
     assert "k1" not in repr(s)
+    monkeypatch.setenv("GGUF_SERVE_API_KEYS", '["k3", "k4"]')
+    assert load_settings(str(profile)).all_api_keys() == ["k3", "k4"]
 
 
 @pytest.mark.parametrize(
