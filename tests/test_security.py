@@ -269,8 +269,9 @@ def test_sse_streams_through_middleware(live_server: tuple[str, threading.Event]
 
 def test_live_server_413_and_401(live_server: tuple[str, threading.Event]) -> None:
     base, _ = live_server
-    with httpx.Client(base_url=base, timeout=10) as c:
-        assert c.post("/v1/raw", content=b"x" * 4096).status_code == 401
-        r = c.post("/v1/raw", content=b"x" * 4096, headers={"x-api-key": KEY})
-        assert r.status_code == 413
-        assert c.get("/health").status_code == 200
+    # One connection per request: a server that answers 401/413 without reading the body
+    # closes the connection, and a pooled client could otherwise reuse the closed one.
+    assert httpx.post(base + "/v1/raw", content=b"x" * 4096, timeout=10).status_code == 401
+    r = httpx.post(base + "/v1/raw", content=b"x" * 4096, headers={"x-api-key": KEY}, timeout=10)
+    assert r.status_code == 413
+    assert httpx.get(base + "/health", timeout=10).status_code == 200
