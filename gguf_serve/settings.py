@@ -55,7 +55,7 @@ class SamplingDefaults(BaseModel):
     repeat_penalty: float = Field(1.0, gt=0.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
-    penalty_last_n: int = Field(64, ge=-1)
+    penalty_last_n: int = Field(64, ge=0, description="how many recent tokens the penalties look at")
     # None: generate until EOS or until the context is full.
     max_tokens: int | None = Field(None, ge=1)
 

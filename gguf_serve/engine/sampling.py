@@ -41,7 +41,7 @@ class SamplerChain:
         if p.repeat_penalty != 1.0 or p.presence_penalty or p.frequency_penalty:
             add(
                 llama.llama_sampler_init_penalties(
-                    p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
+                    model.n_vocab, p.penalty_last_n, p.repeat_penalty, p.frequency_penalty, p.presence_penalty
                 )
             )
         if p.temperature <= 0.0:

@@ -46,6 +46,8 @@ class Job:
     params: SamplingParams
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue[GenerationEvent]
+    # Built at submit time, so a bad grammar or logit bias is a 400 before anything is queued.
+    sampler: SamplerChain
     submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
@@ -163,12 +165,15 @@ class ChatScheduler:
     def submit(self, prompt: list[int], params: SamplingParams) -> Job:
         """Queue a request. Call from the event loop that will read its events."""
         self.check_fits(len(prompt), params.max_tokens)
-        job = Job(prompt=prompt, params=params, loop=asyncio.get_running_loop(), queue=asyncio.Queue())
+        sampler = SamplerChain(self.model, params)
+        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), sampler)
         with self._cv:
             if self._stopping:
+                sampler.free()
                 raise NotReady(f"model {self.name} is shutting down")
             free = sum(1 for s in self.slots if s.job is None)
             if len(self._waiting) >= free + self.max_queue:
+                sampler.free()
                 raise QueueFull(
                     f"model {self.name} is busy: {len(self.slots)} slots in use and {len(self._waiting)} "
                     "requests waiting; retry later",
@@ -234,6 +239,7 @@ class ChatScheduler:
             if s.job is not None:
                 self._finish(s, "cancelled")
         for job in self._waiting:
+            job.sampler.free()
             self._emit(job, Finished("cancelled", len(job.prompt), 0))
         self._flush()
 
@@ -255,6 +261,9 @@ class ChatScheduler:
     def _drop_cancelled(self) -> None:
         with self._cv:
             if any(j.cancelled for j in self._waiting):
+                for j in self._waiting:
+                    if j.cancelled:
+                        j.sampler.free()
                 self._waiting = deque(j for j in self._waiting if not j.cancelled)
         for s in self.slots:
             if s.job is not None and s.job.cancelled:
@@ -279,12 +288,8 @@ class ChatScheduler:
             self.ctx.seq_rm(slot.seq_id, 0, -1)
             keep = 0
         p = job.params
-        try:
-            slot.sampler = SamplerChain(self.model, p)
-        except Exception as e:
-            self._emit(job, Finished("error", len(job.prompt), 0, error=str(e)))
-            return
-        slot.cached = job.prompt[:keep]
+        slot.sampler = job.sampler
+        slot.cached = job.prompt[:keep]  # always what the KV cache now holds
         slot.job = job
         slot.stream = StopTextStream(p.stop)
         slot.prompt_pos = keep

@@ -187,6 +187,10 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
         ),
         (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "x"}], "n": 3}', 400),
         (b'{"model": "all-minilm-l6-v2", "messages": [{"role": "user", "content": "x"}]}', 400),
+        (
+            b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 5}}',
+            400,
+        ),
     ],
 )
 def test_bad_requests_get_openai_errors_and_server_keeps_serving(
@@ -230,6 +234,15 @@ def test_prefix_cache_reused_on_multi_turn(client: openai.OpenAI) -> None:
     second = client.chat.completions.create(model=MODEL, messages=msgs, temperature=0, max_tokens=8)
     details = second.usage.prompt_tokens_details  # type: ignore[union-attr]
     assert details is not None and details.cached_tokens >= first.usage.prompt_tokens - 1  # type: ignore[union-attr]
+
+
+def test_penalties_are_applied(client: openai.OpenAI) -> None:
+    q = "Repeat the word cat many times."
+    plain = greedy(client, q, 30)
+    penalised = greedy(
+        client, q, 30, presence_penalty=1.5, frequency_penalty=1.5, extra_body={"repeat_penalty": 1.5}
+    )
+    assert penalised and penalised != plain
 
 
 def test_logprobs(client: openai.OpenAI) -> None:

