@@ -77,6 +77,9 @@ def serve(
     if not settings.models:
         raise fail("the profile names no models; add [[models]] entries or choose --profile demo")
     _setup_logging(settings.log_level)
+    from gguf_serve.engine.llama_runtime import backend_summary
+
+    logging.getLogger("gguf_serve").info("llama.cpp backend: %s", backend_summary())
     try:
         keys = settings.all_api_keys()
         registry = ModelRegistry(settings)

@@ -78,6 +78,13 @@ def ensure_backend() -> None:
             _backend_ready = True
 
 
+def backend_summary() -> str:
+    """What this llama.cpp build runs on, for the start-up log."""
+    ensure_backend()
+    gpu = "GPU offload available" if llama.llama_supports_gpu_offload() else "CPU only (no GPU backend built)"
+    return f"{gpu}; {llama.llama_print_system_info().decode().strip()}"
+
+
 def check_gguf_header(path: Path) -> None:
     """Fail early, with a clear message, on files that are not GGUF (llama.cpp would abort)."""
     try:
