@@ -89,7 +89,7 @@ class ChatEngine:
     def render(self, req: ChatRequest) -> str:
         if not req.messages:
             raise InvalidRequest("messages must not be empty", "messages")
-        tools = req.tools if req.tools and req.tool_choice != "none" else None
+        tools = req.tools if req.tools_enabled else None
         return self.template.render(
             [m.as_template_dict() for m in req.messages],
             tools=tools,
@@ -110,7 +110,7 @@ class ChatEngine:
             if self.settings.reasoning and req.parse_reasoning and params.grammar is None
             else None
         )
-        tools = ToolCallParser() if req.tools and req.tool_choice != "none" else None
+        tools = ToolCallParser() if req.tools_enabled else None
         return ChatStream(self.scheduler.start(tokens, params), reasoning, tools)
 
     def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation:

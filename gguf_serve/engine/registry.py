@@ -69,8 +69,6 @@ class ModelRegistry:
     def get(self, name: str | None, role: Role) -> LoadedModel:
         entry = self._entry(name, role)
         if entry.state is not LoadState.READY or entry.loaded is None:
-            if self._loads_on_demand(entry):
-                threading.Thread(target=self._load_one, args=(entry,), daemon=True).start()
             raise NotReady(f"model {entry.settings.id!r} is {entry.state.value}; retry shortly")
         entry.last_used = time.monotonic()
         return entry.loaded

@@ -133,6 +133,10 @@ class ChatRequest:
     parse_reasoning: bool = True
     response_format: dict[str, Any] | None = None
 
+    @property
+    def tools_enabled(self) -> bool:
+        return bool(self.tools) and self.tool_choice != "none"
+
 
 @dataclass
 class ToolCall:

@@ -15,7 +15,6 @@ import enum
 import logging
 import math
 import threading
-import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -48,7 +47,6 @@ class Job:
     queue: asyncio.Queue[GenerationEvent]
     # Built at submit time, so a bad grammar or logit bias is a 400 before anything is queued.
     sampler: SamplerChain
-    submitted_at: float = field(default_factory=time.monotonic)
     cancelled: bool = False
 
     def cancel(self) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -52,7 +51,7 @@ async def _collect(ctx: ServingContext, chat: ChatStream, rid: str) -> dict[str,
     fin = ctx.finished(fin)
     message: dict[str, Any] = {
         "role": "assistant",
-        "content": "".join(content) if not calls else "".join(content) or None,
+        "content": "".join(content) or (None if calls else ""),
     }
     if any(reasoning):
         message["reasoning_content"] = "".join(reasoning)
@@ -118,9 +117,6 @@ async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage
             }
             yield json.dumps(body)
         yield "[DONE]"
-    except asyncio.CancelledError:
-        # The client went away: free the slot at the scheduler's next step.
-        chat.cancel()
-        raise
     finally:
+        # Also when the client went away: the slot is freed at the scheduler's next step.
         chat.cancel()
