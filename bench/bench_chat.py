@@ -1,6 +1,6 @@
 """Chat decode speed: one stream through HTTP vs in-process llama.cpp, and 1/2/4/8 concurrent streams.
 
-    .venv/bin/python -m bench.bench_chat [--tokens 128] [--repeat 2]
+    .venv/bin/python -m bench.bench_chat [--tokens 128] [--repeat 2] [--llama-server PATH]
 
 Both sides load the same GGUF with the same threads and sampling (temperature 0.7); end-of-
 generation tokens are biased away so every stream makes exactly --tokens tokens. Ratios in one
@@ -11,20 +11,33 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import os
 import platform
 import statistics
+import subprocess
 import time
+from typing import Any
 
+import httpx
 import openai
 
 from gguf_serve.engine.llama_runtime import usable_cpus
-from tests.e2e.server import ServerProcess, demo_chat_gguf
+from tests.e2e.server import ServerProcess, demo_chat_gguf, free_port
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
     f"Write a long story about a {w}."
     for w in ("dragon", "robot", "river", "city", "garden", "ship", "mountain", "library")
 ]
+# The same sampler chain everywhere (llama-cpp-python's defaults), so every side does the same work.
+SAMPLING: dict[str, Any] = {
+    "temperature": 0.7,
+    "top_k": 40,
+    "top_p": 0.95,
+    "min_p": 0.05,
+    "repeat_penalty": 1.0,
+}
 
 
 def eog_bias(llm: object) -> dict[int, float]:
@@ -46,9 +59,9 @@ def in_process(tokens: int) -> tuple[float, dict[int, float]]:
     for chunk in llm.create_chat_completion(
         [{"role": "user", "content": PROMPTS[0]}],
         max_tokens=tokens,
-        temperature=0.7,
         stream=True,
         logit_bias=bias,
+        **SAMPLING,
     ):
         if chunk["choices"][0]["delta"].get("content"):
             n += 1
@@ -69,7 +82,9 @@ async def http_streams(base: str, k: int, tokens: int, bias: dict[int, float]) -
             model=MODEL,
             messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             max_tokens=tokens,
-            temperature=0.7,
+            temperature=SAMPLING["temperature"],
+            top_p=SAMPLING["top_p"],
+            extra_body={k: SAMPLING[k] for k in ("top_k", "min_p", "repeat_penalty")},
             stream=True,
             stream_options={"include_usage": True},
             logit_bias={str(t): v for t, v in bias.items()},
@@ -95,39 +110,101 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tokens", type=int, default=128)
-    ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--profile", default="demo", help="a profile whose chat model is " + MODEL)
-    args = ap.parse_args()
-    inproc, bias = in_process(args.tokens)
-    server = ServerProcess(args.profile)
-    rows = []
-    try:
-        server.wait_ready(600)
-        asyncio.run(http_streams(server.base_url, 1, 8, bias))  # warm up
-        for k in (1, 2, 4, 8):
-            rates, ttfts = [], []
-            for _ in range(args.repeat):
-                r, t = asyncio.run(http_streams(server.base_url, k, args.tokens, bias))
-                rates.append(r)
-                ttfts += t
-            rows.append((k, statistics.median(rates), pct(ttfts, 0.5), pct(ttfts, 0.99)))
-    finally:
-        server.stop()
+Row = tuple[int, float, float, float]  # streams, median aggregate tok/s, TTFT p50, TTFT p99
+
+
+def measure(bases: list[str], tokens: int, repeat: int, bias: dict[int, float]) -> list[list[Row]]:
+    """1, 2, 4 and 8 concurrent streams against each server, interleaved (server A, server B,
+    A, B, ...) so that drift in the machine's load hits every server alike."""
+    for base in bases:
+        asyncio.run(http_streams(base, 1, 8, bias))  # warm up
+    rows: list[list[Row]] = [[] for _ in bases]
+    for k in (1, 2, 4, 8):
+        rates: list[list[float]] = [[] for _ in bases]
+        ttfts: list[list[float]] = [[] for _ in bases]
+        for _ in range(repeat):
+            for i, base in enumerate(bases):
+                r, t = asyncio.run(http_streams(base, k, tokens, bias))
+                rates[i].append(r)
+                ttfts[i] += t
+        for i in range(len(bases)):
+            rows[i].append((k, statistics.median(rates[i]), pct(ttfts[i], 0.5), pct(ttfts[i], 0.99)))
+    return rows
+
+
+class LlamaServer:
+    """llama.cpp's C++ llama-server on the same GGUF, threads and slots: the reference."""
+
+    def __init__(self, binary: str, slots: int = 8, n_ctx_seq: int = 2048) -> None:
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        cmd = [binary, "-m", str(demo_chat_gguf()), "--port", str(self.port), "-np", str(slots)]
+        cmd += ["-c", str(slots * n_ctx_seq), "-t", str(usable_cpus()), "-b", "512", "-ub", "512"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            time.sleep(0.3)
+        raise TimeoutError("llama-server did not start")
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+
+def table(name: str, rows: list[Row], inproc: float) -> None:
     one = rows[0][1]
-    print(
-        f"\nchat decode, {args.tokens} new tokens, temperature 0.7, SmolLM2-135M Q4_1, "
-        f"{usable_cpus()} CPUs ({platform.processor() or platform.machine()})"
-    )
-    print(f"in-process llama-cpp-python, 1 stream: {inproc:.1f} tok/s")
+    print(f"\n{name}")
     print("| streams | aggregate tok/s | vs 1 stream | vs in-process | TTFT p50 ms | TTFT p99 ms |")
     print("|---|---|---|---|---|---|")
     for k, rate, p50, p99 in rows:
         print(
             f"| {k} | {rate:.1f} | {rate / one:.2f}x | {rate / inproc:.2f} | {p50 * 1000:.0f} | {p99 * 1000:.0f} |"
         )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--tokens", type=int, default=128)
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--profile", default="demo", help="a profile whose chat model is " + MODEL)
+    ap.add_argument(
+        "--llama-server",
+        metavar="PATH",
+        help="also measure llama.cpp's llama-server binary (built from the same llama.cpp) in this run",
+    )
+    args = ap.parse_args()
+    load_before = os.getloadavg()[0]
+    inproc, bias = in_process(args.tokens)
+    servers: list[ServerProcess | LlamaServer] = [ServerProcess(args.profile)]
+    if args.llama_server:
+        servers.append(LlamaServer(args.llama_server))
+    try:
+        for server in servers:
+            server.wait_ready(600)
+        results = measure([s.base_url for s in servers], args.tokens, args.repeat, bias)
+    finally:
+        for server in servers:
+            server.stop()
+    ours, ref = results[0], (results[1] if len(results) > 1 else None)
+    print(
+        f"\nchat decode, {args.tokens} new tokens, sampling {SAMPLING}, SmolLM2-135M Q4_1, "
+        f"{usable_cpus()} CPUs ({platform.processor() or platform.machine()}), "
+        f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after"
+    )
+    print(f"in-process llama-cpp-python, 1 stream: {inproc:.1f} tok/s")
+    table("gguf-serve", ours, inproc)
+    if ref is not None:
+        table("llama-server (-np 8)", ref, inproc)
+        print("\n| streams | gguf-serve / llama-server |\n|---|---|")
+        for (k, a, _, _), (_, b, _, _) in zip(ours, ref, strict=True):
+            print(f"| {k} | {a / b:.2f}x |")
 
 
 if __name__ == "__main__":

@@ -32,6 +32,9 @@ def engine_stats() -> dict[str, dict[str, float]]:
             "kv_used_cells": 1024,
             "kv_total_cells": 4096,
             "loaded": 1,
+            "decodes": 7,
+            "decode_seconds": 1.5,
+            "sample_seconds": 0.25,
         },
         "embed-b": {"queue_depth": 0, "busy_slots": 0, "slots": 8, "loaded": 0},
     }
@@ -125,6 +128,10 @@ def test_ttft_and_tokens_and_engine_gauges() -> None:
     assert m[("gguf_serve_slots", (("model", "embed-b"),))] == 8
     assert m[("gguf_serve_kv_cache_usage_ratio", (("model", "chat-a"),))] == 0.25
     assert m[("gguf_serve_model_loaded", (("model", "chat-a"),))] == 1
+    assert m[("gguf_serve_engine_decode_calls_total", (("model", "chat-a"),))] == 7
+    assert m[("gguf_serve_engine_decode_seconds_total", (("model", "chat-a"),))] == 1.5
+    assert m[("gguf_serve_engine_sample_seconds_total", (("model", "chat-a"),))] == 0.25
+    assert ("gguf_serve_engine_decode_calls_total", (("model", "embed-b"),)) not in m
     assert m[("gguf_serve_model_loaded", (("model", "embed-b"),))] == 0
     # an embedding model without a KV cache gets no ratio rather than a division by zero
     assert ("gguf_serve_kv_cache_usage_ratio", (("model", "embed-b"),)) not in m

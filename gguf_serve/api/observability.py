@@ -28,7 +28,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -73,6 +73,12 @@ _ENGINE_GAUGES = {
     "kv_total_cells": ("kv_cache_total_cells", "KV cache cells in the context"),
     "loaded": ("model_loaded", "1 when the model is loaded, 0 when not (lazy load or idle unload)"),
 }
+# stats_provider key -> (counter name without _total, help): where each model's worker thread spends its time.
+_ENGINE_COUNTERS = {
+    "decodes": ("engine_decode_calls", "llama_decode calls (one per scheduler step or embedding batch)"),
+    "decode_seconds": ("engine_decode_seconds", "Seconds spent inside llama_decode"),
+    "sample_seconds": ("engine_sample_seconds", "Seconds spent sampling tokens and handling their text"),
+}
 
 
 class EngineCollector(Collector):
@@ -100,6 +106,12 @@ class EngineCollector(Collector):
                 if key in values:
                     fam.add_metric([model], float(values[key]))
             yield fam
+        for key, (name, help_) in _ENGINE_COUNTERS.items():
+            counter = CounterMetricFamily(f"{PREFIX}_{name}", help_, labels=["model"])
+            for model, values in stats.items():
+                if key in values:
+                    counter.add_metric([model], float(values[key]))
+            yield counter
         ratio = GaugeMetricFamily(
             f"{PREFIX}_kv_cache_usage_ratio", "KV cache cells in use / total", labels=["model"]
         )

@@ -15,6 +15,7 @@ import enum
 import logging
 import math
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -142,6 +143,10 @@ class ChatScheduler:
         self._thread.start()
         self.tokens_generated = 0
         self.tokens_prefilled = 0
+        # Where the scheduler thread's time goes: llama_decode vs sampling (with text handling).
+        self.decodes = 0
+        self.decode_s = 0.0
+        self.sample_s = 0.0
 
     # --- called from the event loop ---------------------------------------------------------
     def check_fits(self, n_prompt: int, max_tokens: int | None) -> None:
@@ -200,6 +205,9 @@ class ChatScheduler:
             "kv_total_cells": float(self.n_ctx_seq * len(self.slots)),
             "tokens_generated": float(self.tokens_generated),
             "tokens_prefilled": float(self.tokens_prefilled),
+            "decodes": float(self.decodes),
+            "decode_seconds": self.decode_s,
+            "sample_seconds": self.sample_s,
         }
 
     def idle(self) -> bool:
@@ -326,6 +334,7 @@ class ChatScheduler:
                 active.append(s)
         if batch.n_tokens == 0:
             return
+        t0 = time.perf_counter()
         try:
             self.ctx.decode(batch)
         except DecodeError as e:
@@ -336,8 +345,12 @@ class ChatScheduler:
                     self.ctx.seq_rm(s.seq_id)
                     s.cached = []
             return
+        t1 = time.perf_counter()
         for s in active:
             self._sample(s)
+        self.decodes += 1
+        self.decode_s += t1 - t0
+        self.sample_s += time.perf_counter() - t1
 
     def _sample(self, s: Slot) -> None:
         assert s.job is not None and s.sampler is not None and s.stream is not None

@@ -81,7 +81,9 @@ def test_stream_equals_non_stream_and_usage_once(client: openai.OpenAI) -> None:
     assert len(usages) == 1 and usages[0].completion_tokens > 0
 
 
-def test_concurrent_greedy_equals_sequential(client: openai.OpenAI, aclient: openai.AsyncOpenAI) -> None:
+def test_concurrent_greedy_equals_sequential(
+    client: openai.OpenAI, aclient: openai.AsyncOpenAI, demo_server: str
+) -> None:
     sequential = [greedy(client, q) for q in QUESTIONS]
 
     async def one(q: str) -> str:
@@ -93,12 +95,22 @@ def test_concurrent_greedy_equals_sequential(client: openai.OpenAI, aclient: ope
     async def all_at_once() -> list[str]:
         return list(await asyncio.gather(*(one(q) for q in QUESTIONS)))
 
+    before = _chat_stats(demo_server)
     assert asyncio.run(all_at_once()) == sequential
+    after = _chat_stats(demo_server)
+    # ...and they really shared decodes: far fewer llama_decode calls than tokens generated.
+    tokens = after["tokens_generated"] - before["tokens_generated"]
+    decodes = after["decodes"] - before["decodes"]
+    assert tokens > 0 and decodes < tokens / 2, (tokens, decodes)
+
+
+def _chat_stats(base: str) -> dict[str, float]:
+    stats: dict[str, float] = httpx.get(f"{base}/stats", timeout=10).json()["models"][MODEL]
+    return stats
 
 
 def _busy_slots(base: str) -> float:
-    stats = httpx.get(f"{base}/stats", timeout=10).json()
-    return stats["models"][MODEL]["busy_slots"]
+    return _chat_stats(base)["busy_slots"]
 
 
 def test_cancelled_stream_frees_its_slot(client: openai.OpenAI, demo_server: str) -> None:
