@@ -79,7 +79,12 @@ class ModelSettings(BaseModel):
     n_threads: int | None = Field(None, ge=1, description="None: physical cores")
     n_threads_batch: int | None = Field(None, ge=1)
     n_batch: int = Field(512, ge=1)
-    n_ubatch: int = Field(512, ge=1)
+    n_ubatch: int | None = Field(
+        None,
+        ge=1,
+        description="chat: tokens per physical batch (None: 512, at most n_batch); "
+        "embedding/rerank: tokens packed into one decode (None: n_batch)",
+    )
     parallel: int = Field(4, ge=1, le=256, description="sequence slots (chat) / sequences per decode")
     flash_attn: bool | Literal["auto"] = "auto"
     cache_type_k: KVCacheType = "f16"
@@ -121,11 +126,18 @@ class ModelSettings(BaseModel):
 
     @model_validator(mode="after")
     def _batch_fits(self) -> ModelSettings:
-        if self.n_ubatch > self.n_batch:
+        if self.n_ubatch is not None and self.n_ubatch > self.n_batch:
             raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
         if self.role == "rerank" and self.scorer == "embedding" and not self.embedding_model:
             raise ValueError("scorer = 'embedding' needs embedding_model = '<id of an embedding model>'")
         return self
+
+    @property
+    def ubatch(self) -> int:
+        """n_ubatch with its per-role default."""
+        if self.n_ubatch is not None:
+            return self.n_ubatch
+        return min(512, self.n_batch) if self.role == "chat" else self.n_batch
 
     @property
     def names(self) -> list[str]:

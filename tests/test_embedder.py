@@ -4,6 +4,7 @@ against transformers' last-token pooling, batching across requests, limits and e
 from __future__ import annotations
 
 import asyncio
+import math
 from pathlib import Path
 from typing import Any
 
@@ -93,6 +94,33 @@ def test_requests_share_decodes_and_batching_changes_nothing(minilm: Embedder) -
         assert float(r.vectors[0] @ a) > 0.99999
     for v, a in zip(results[-1].vectors, alone * 2, strict=True):
         assert float(v @ a) > 0.99999
+
+
+def test_n_ubatch_bounds_the_tokens_of_each_decode(minilm: Embedder, minilm_gguf: Path) -> None:
+    """Small packs: many decodes of at most n_ubatch tokens; a longer sequence goes alone,
+    whole; the vectors do not change."""
+    model = LlamaModel(minilm_gguf)
+    ms = ModelSettings(
+        id="small", role="embedding", file="x", n_ctx=512, n_batch=512, n_ubatch=32, parallel=16
+    )
+    emb = Embedder(model, ms, Limits())
+    try:
+        lengths = [len(s) for s in emb.sequences(TEXTS)]
+        assert max(lengths) > 32 and min(lengths) < 16
+        got = run(emb.embed(TEXTS))
+        stats = emb.stats()
+        # every long sequence alone, the short ones in packs of at most 32 tokens (the
+        # look-ahead fills them); a 512-token pack would have been one decode
+        long = [n for n in lengths if n > 32]
+        short = sum(n for n in lengths if n <= 32)
+        assert len(long) + math.ceil(short / 32) <= stats["decodes"] < len(TEXTS)
+        assert stats["tokens"] == sum(lengths)
+        ref = run(minilm.embed(TEXTS))
+        for a, b in zip(got.vectors, ref.vectors, strict=True):
+            assert float(a @ b) > 0.99999
+    finally:
+        emb.close()
+        model.close()
 
 
 def test_token_ids_equal_text(minilm: Embedder) -> None:

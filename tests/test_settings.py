@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from gguf_serve.settings import SettingsError, load_settings
+from gguf_serve.settings import ModelSettings, SettingsError, load_settings
 
 PROFILE = """
 port = 9001
@@ -84,3 +84,12 @@ def test_shipped_profiles_parse() -> None:
     for name in ("demo", "cpu", "cuda"):
         s = load_settings(name)
         assert s.models and {m.role for m in s.models} == {"chat", "embedding", "rerank"}
+
+
+def test_n_ubatch_defaults_per_role() -> None:
+    # chat: llama.cpp's physical batch, 512 unless the logical batch is smaller
+    assert ModelSettings(id="c", file="x", n_batch=2048).ubatch == 512
+    assert ModelSettings(id="c", file="x", n_batch=256).ubatch == 256
+    # embedding/rerank: tokens packed into one decode, the whole n_batch unless set lower
+    assert ModelSettings(id="e", role="embedding", file="x", n_batch=8192).ubatch == 8192
+    assert ModelSettings(id="r", role="rerank", file="x", n_batch=8192, n_ubatch=2048).ubatch == 2048

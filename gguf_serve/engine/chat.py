@@ -60,7 +60,7 @@ class ChatEngine:
             ContextParams(
                 n_ctx=n_ctx_seq * ms.parallel,
                 n_batch=ms.n_batch,
-                n_ubatch=ms.n_ubatch,
+                n_ubatch=ms.ubatch,
                 n_seq_max=ms.parallel,
                 n_threads=threads,
                 n_threads_batch=ms.n_threads_batch or threads,

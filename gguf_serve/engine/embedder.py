@@ -3,8 +3,10 @@
 One worker thread owns the llama.cpp context (the core); callers tokenize on their own
 side (pre) and normalize the pooled vectors (post), so the thread does nothing but
 decode. Every sequence is decoded whole in one physical batch: llama.cpp pools (and,
-for non-causal models, attends) within one ubatch only, so n_ubatch is at least the
-longest allowed input and the batch is never split.
+for non-causal models, attends) within one ubatch only, so the context's n_ubatch is at
+least the longest allowed input and the batch is never split. How many tokens go into
+one decode is the model's `n_ubatch` setting: small packs waste less attention on the
+masked pairs of other sequences, large ones make bigger matrix products.
 """
 
 from __future__ import annotations
@@ -92,11 +94,15 @@ class SequenceBatcher:
     (with a short look-ahead so a long sequence does not leave the batch half empty).
     """
 
-    def __init__(self, ctx: LlamaContext, readout: Readout, name: str, max_queue: int) -> None:
+    def __init__(
+        self, ctx: LlamaContext, readout: Readout, name: str, max_queue: int, pack_tokens: int | None = None
+    ) -> None:
         self.ctx = ctx
         self.readout = readout
         self.name = name
         self.n_batch = ctx.params.n_batch
+        # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
+        self.pack_tokens = min(pack_tokens or self.n_batch, self.n_batch)
         self.n_seq_max = ctx.params.n_seq_max
         self.max_pending = max(1, max_queue + self.n_seq_max)  # requests, queued or running
         self._batch = Batch(self.n_batch, 1)
@@ -188,7 +194,7 @@ class SequenceBatcher:
         """Called with the lock held: the sequences of the next decode."""
         picked: list[tuple[_Job, int]] = []
         kept: list[tuple[_Job, int]] = []
-        room = self.n_batch
+        room = self.pack_tokens
         scanned = 0
         while self._pending and len(picked) < self.n_seq_max and scanned < 4 * self.n_seq_max:
             job, i = self._pending.popleft()
@@ -196,9 +202,11 @@ class SequenceBatcher:
                 continue
             scanned += 1
             n = len(job.seqs[i])
-            if n <= room:
+            if n <= room or not picked:
                 picked.append((job, i))
                 room -= n
+                if room <= 0:
+                    break
             else:
                 kept.append((job, i))
         self._pending.extendleft(reversed(kept))
@@ -300,7 +308,7 @@ class Embedder(BatchedEngine):
         # Qwen3-Embedding pools the last token, which must be the EOS its training appended.
         self._append_eos = model.add_eos or pooling == "last"
         self.ctx = embedding_context(model, ms, pooling)
-        self.batcher = SequenceBatcher(self.ctx, self._readout, ms.id, limits.max_queue)
+        self.batcher = SequenceBatcher(self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch)
 
     @property
     def n_ctx(self) -> int:

@@ -100,7 +100,7 @@ class _PairScorer(BatchedEngine, Reranker):
         self.settings = ms
         self.limit = seq_limit(model, ms)
         self.ctx = ctx
-        self.batcher = SequenceBatcher(ctx, self._readout, ms.id, limits.max_queue)
+        self.batcher = SequenceBatcher(ctx, self._readout, ms.id, limits.max_queue, ms.ubatch)
 
     @property
     def n_ctx(self) -> int:
