@@ -23,10 +23,10 @@ LLAMA_PIP_FLAGS_cuda := --no-cache-dir --force-reinstall --no-deps
 STAMP := $(VENV)/.installed-$(GPU)
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test run test lint bench convert docker clean help
+.PHONY: install install-test run test lint bench llama-server convert docker clean help
 
 help:
-	@echo "make run | test | install | lint | bench | convert [MODELS=a,b] | docker"
+	@echo "make run | test | install | lint | bench | llama-server | convert [MODELS=a,b] | docker"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -63,6 +63,20 @@ lint: install
 
 bench: install-test
 	$(BIN)/python -m bench
+
+# llama.cpp's own C++ server, built from the same pinned sources as llama-cpp-python: the
+# reference that `make bench` measures beside ours when it exists (~20 minutes on 2 cores).
+LLAMA_SRC := build/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
+LLAMA_SERVER := build/llama.cpp/bin/llama-server
+$(LLAMA_SERVER): | $(BIN)/python
+	mkdir -p build/sdist
+	$(BIN)/pip download -q --no-deps --no-binary :all: -d build/sdist "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+	tar -xzf build/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C build/sdist
+	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	cmake --build build/llama.cpp --target llama-server -j
+
+llama-server: $(LLAMA_SERVER)
 
 convert: install
 	$(BIN)/gguf-serve convert $(RECIPE) $(if $(MODELS),--models $(MODELS))

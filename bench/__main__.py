@@ -1,13 +1,25 @@
-"""`make bench`: every benchmark in turn (chat, embeddings/rerank, conversion)."""
+"""`make bench`: every benchmark in turn (chat, embeddings/rerank, conversion).
+
+When `make llama-server` has built llama.cpp's C++ server from the same pinned sources, the chat
+and embedding benchmarks measure it in the same run as the reference.
+"""
 
 from __future__ import annotations
 
 import importlib
 import sys
+from pathlib import Path
 
-for name in ("bench.bench_chat", "bench.bench_embed", "bench.bench_convert"):
+LLAMA_SERVER = Path(__file__).resolve().parents[1] / "build" / "llama.cpp" / "bin" / "llama-server"
+reference = ["--llama-server", str(LLAMA_SERVER)] if LLAMA_SERVER.is_file() else []
+
+for name, args in (
+    ("bench.bench_chat", reference),
+    ("bench.bench_embed", reference),
+    ("bench.bench_convert", []),
+):
     if importlib.util.find_spec(name) is None:
         continue
-    print(f"\n=== {name}", flush=True)
-    sys.argv = [name]
+    print(f"\n=== {name} {' '.join(args)}", flush=True)
+    sys.argv = [name, *args]
     importlib.import_module(name).main()

@@ -1,7 +1,9 @@
 """Embeddings/s and rerank latency through our HTTP server on MiniLM, side by side with
-sentence-transformers (torch CPU, 2 threads) on the same model and texts, in the same run.
+sentence-transformers (torch CPU, 2 threads) on the same model and texts, and optionally
+llama.cpp's llama-server on the same GGUF, in the same run: rounds interleave the sides so
+that drift in the machine's load hits all of them alike.
 
-    .venv/bin/python -m bench.bench_embed [--texts 256] [--out docs/benchmarks-embed.md]
+    .venv/bin/python -m bench.bench_embed [--texts 256] [--llama-server PATH] [--out docs/benchmarks-embed.md]
 
 Not a test: numbers depend on the machine; run it on a quiet one.
 """
@@ -37,6 +39,7 @@ role = "embedding"
 file = "{path}"
 n_ctx = 512
 n_batch = {n_batch}
+n_ubatch = {n_ubatch}
 parallel = {parallel}
 
 [[models]]
@@ -129,31 +132,47 @@ def free_port() -> int:
 
 
 class Server:
-    def __init__(self, gguf: Path, n_batch: int, parallel: int) -> None:
-        self.dir = tempfile.TemporaryDirectory()
-        profile = Path(self.dir.name) / "bench.toml"
+    """A server process on a free port: ours (a profile for the GGUF) or llama-server."""
+
+    def __init__(self, cmd: list[str], port: int, name: str) -> None:
+        self.name = name
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115  (lives as long as the server)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+
+    @classmethod
+    def ours(cls, gguf: Path, n_batch: int, n_ubatch: int, parallel: int) -> Server:
+        profile = Path(tempfile.mkdtemp()) / "bench.toml"
         profile.write_text(
-            PROFILE.format(embed=EMBED, rerank=RERANK, path=gguf, n_batch=n_batch, parallel=parallel),
+            PROFILE.format(
+                embed=EMBED, rerank=RERANK, path=gguf, n_batch=n_batch, n_ubatch=n_ubatch, parallel=parallel
+            ),
             encoding="utf-8",
         )
-        self.url = f"http://127.0.0.1:{free_port()}"
-        port = self.url.rsplit(":", 1)[1]
-        self.log = (Path(self.dir.name) / "server.log").open("wb")
-        cmd = [sys.executable, "-m", "gguf_serve", "serve", "--profile", str(profile), "--port", port]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 300
+        port = free_port()
+        cmd = [sys.executable, "-m", "gguf_serve", "serve", "--profile", str(profile), "--port", str(port)]
+        return cls(cmd, port, "gguf-serve")
+
+    @classmethod
+    def llama_server(cls, binary: str, gguf: Path, parallel: int) -> Server:
+        port = free_port()
+        cmd = [binary, "-m", str(gguf), "--port", str(port), "--embedding", "--pooling", "mean"]
+        cmd += ["-np", str(parallel), "-c", str(512 * parallel), "-b", "2048", "-ub", "512"]
+        cmd += ["-t", str(os.cpu_count() or 1), "--alias", EMBED]
+        return cls(cmd, port, "llama-server")
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(
-                    f"server exited: {(Path(self.dir.name) / 'server.log').read_text()[-2000:]}"
-                )
+                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
             try:
                 if httpx.get(self.url + "/health", timeout=2).status_code == 200:
                     return
             except httpx.HTTPError:
                 pass
             time.sleep(0.3)
-        raise TimeoutError("server did not start")
+        raise TimeoutError(f"{self.name} did not start")
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
@@ -162,7 +181,7 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
         self.log.close()
-        self.dir.cleanup()
+        Path(self.log.name).unlink(missing_ok=True)
 
 
 async def http_embed_rate(url: str, texts: list[str], clients: int) -> float:
@@ -185,37 +204,33 @@ async def http_embed_rate(url: str, texts: list[str], clients: int) -> float:
         return len(texts) / (time.perf_counter() - t0)
 
 
-def http_rerank_latency(url: str, query: str, docs: list[str], repeats: int) -> float:
-    times = []
+def http_rerank_latency(url: str, query: str, docs: list[str]) -> float:
     with httpx.Client(base_url=url, timeout=600) as client:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            r = client.post("/v1/rerank", json={"model": RERANK, "query": query, "documents": docs})
-            r.raise_for_status()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def st_rates(
-    model_dir: Path, texts: list[str], query: str, docs: list[str], repeats: int
-) -> dict[str, float]:
-    import torch
-    from sentence_transformers import SentenceTransformer
-
-    torch.set_num_threads(2)
-    st = SentenceTransformer(str(model_dir), device="cpu")
-    st.encode(texts[:BATCH], batch_size=BATCH)  # warm-up
-    t0 = time.perf_counter()
-    st.encode(texts, batch_size=BATCH, normalize_embeddings=True)
-    rate = len(texts) / (time.perf_counter() - t0)
-    times = []
-    for _ in range(repeats):
         t0 = time.perf_counter()
-        q = st.encode([query], normalize_embeddings=True)
-        d = st.encode(docs, batch_size=BATCH, normalize_embeddings=True)
+        r = client.post("/v1/rerank", json={"model": RERANK, "query": query, "documents": docs})
+        r.raise_for_status()
+        return time.perf_counter() - t0
+
+
+class SentenceTransformersSide:
+    def __init__(self, model_dir: Path) -> None:
+        import torch
+        from sentence_transformers import SentenceTransformer
+
+        torch.set_num_threads(2)
+        self.st = SentenceTransformer(str(model_dir), device="cpu")
+
+    def rate(self, texts: list[str]) -> float:
+        t0 = time.perf_counter()
+        self.st.encode(texts, batch_size=BATCH, normalize_embeddings=True)
+        return len(texts) / (time.perf_counter() - t0)
+
+    def rerank_s(self, query: str, docs: list[str]) -> float:
+        t0 = time.perf_counter()
+        q = self.st.encode([query], normalize_embeddings=True)
+        d = self.st.encode(docs, batch_size=BATCH, normalize_embeddings=True)
         _ = (np.asarray(d) @ np.asarray(q)[0] + 1) / 2
-        times.append(time.perf_counter() - t0)
-    return {"rate": rate, "rerank_s": statistics.median(times)}
+        return time.perf_counter() - t0
 
 
 def token_count(url: str, texts: list[str]) -> float:
@@ -227,12 +242,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=int, default=256)
     ap.add_argument("--words", type=int, default=120)
-    ap.add_argument("--n-batch", type=int, default=1024)
+    ap.add_argument("--n-batch", type=int, default=512)
+    ap.add_argument("--n-ubatch", type=int, default=256, help="tokens packed into one decode")
     ap.add_argument("--parallel", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument(
         "--quant", default="F32", help="GGUF type of the MiniLM file (F32 as the demo profile, F16)"
     )
+    ap.add_argument("--llama-server", metavar="PATH", help="also measure this llama-server binary")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-embed.md")
     args = ap.parse_args()
 
@@ -249,47 +266,72 @@ def main() -> None:
     query = "Which passage talks about retrieval latency and the search index?"
 
     load0 = f"{os.getloadavg()[0]:.2f}"
-    st = st_rates(model_dir, texts, query, docs, args.repeats)
-    print(
-        f"sentence-transformers: {st['rate']:.1f} texts/s, rerank 64 docs {st['rerank_s'] * 1000:.0f} ms",
-        flush=True,
-    )
-
-    server = Server(gguf, args.n_batch, args.parallel)
+    st = SentenceTransformersSide(model_dir)
+    st.rate(texts[:32])  # warm-up
+    servers = [Server.ours(gguf, args.n_batch, args.n_ubatch, args.parallel)]
+    if args.llama_server:
+        servers.append(Server.llama_server(args.llama_server, gguf, args.parallel))
+    # column -> measurements, one per round
+    cols: dict[str, list[float]] = {"st": [], "st_rerank": [], "ours_rerank": []}
     try:
-        tok_per_text = token_count(server.url, texts[:BATCH])
-        doc_tokens = token_count(server.url, docs[:BATCH])
-        asyncio.run(http_embed_rate(server.url, texts[:32], 1))  # warm-up
-        ours: dict[int, float] = {}
-        for clients in (1, 4):
-            ours[clients] = asyncio.run(http_embed_rate(server.url, texts, clients))
-            print(f"gguf-serve, {clients} client(s): {ours[clients]:.1f} texts/s", flush=True)
-        rerank_s = http_rerank_latency(server.url, query, docs, args.repeats)
-        print(f"gguf-serve rerank 64 docs: {rerank_s * 1000:.0f} ms", flush=True)
+        for srv in servers:
+            srv.wait_ready()
+            asyncio.run(http_embed_rate(srv.url, texts[:32], 1))  # warm-up
+        tok_per_text = token_count(servers[0].url, texts[:BATCH])
+        doc_tokens = token_count(servers[0].url, docs[:BATCH])
+        for rnd in range(args.repeats):
+            cols["st"].append(st.rate(texts))
+            cols["st_rerank"].append(st.rerank_s(query, docs))
+            for srv in servers:
+                for clients in (1, 4):
+                    rate = asyncio.run(http_embed_rate(srv.url, texts, clients))
+                    cols.setdefault(f"{srv.name}/{clients}", []).append(rate)
+            cols["ours_rerank"].append(http_rerank_latency(servers[0].url, query, docs))
+            print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in cols.items()), flush=True)
     finally:
-        server.stop()
+        for srv in servers:
+            srv.stop()
+    med = {k: statistics.median(v) for k, v in cols.items()}
 
     cmd = "python -m bench.bench_embed " + " ".join(sys.argv[1:])
+    ref = "gguf-serve/1"
+    rows = [
+        (
+            "gguf-serve over HTTP",
+            med["gguf-serve/1"],
+            med["gguf-serve/4"],
+            f"{med['ours_rerank'] * 1000:.0f} ms",
+        ),
+        ("sentence-transformers in process", med["st"], None, f"{med['st_rerank'] * 1000:.0f} ms"),
+    ]
+    if args.llama_server:
+        rows.append(
+            ("llama-server over HTTP", med["llama-server/1"], med["llama-server/4"], "(no rerank head)")
+        )
     lines = [
         "# Embedding and rerank benchmark (MiniLM)",
         "",
         f"Command: `{cmd.strip()}`  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}  ",
-        f"Load average before/after: {load0} / {os.getloadavg()[0]:.2f} (other work on the machine skews "
-        "both columns alike).  ",
+        f"Load average before/after: {load0} / {os.getloadavg()[0]:.2f}; medians of {args.repeats} "
+        "interleaved rounds.  ",
         f"Model: all-MiniLM-L6-v2 ({args.quant} GGUF, our converter) vs the same safetensors in sentence-transformers "
-        f"(torch CPU, 2 threads). Server: n_batch={args.n_batch}, parallel={args.parallel}.  ",
+        f"(torch CPU, 2 threads). Server: n_batch={args.n_batch}, n_ubatch={args.n_ubatch}, "
+        f"parallel={args.parallel}.  ",
         f"Texts: {args.texts} of {args.words} words (~{tok_per_text:.0f} tokens), requests of {BATCH}. "
-        f"Rerank: 64 documents of ~{doc_tokens:.0f} tokens, median of {args.repeats}.",
+        f"Rerank: 64 documents of ~{doc_tokens:.0f} tokens.",
         "",
-        "| | texts/s, 1 client | texts/s, 4 clients | rerank 64 docs |",
-        "|---|---:|---:|---:|",
-        f"| gguf-serve over HTTP | {ours[1]:.1f} | {ours[4]:.1f} | {rerank_s * 1000:.0f} ms |",
-        f"| sentence-transformers in process | {st['rate']:.1f} | (same process) | {st['rerank_s'] * 1000:.0f} ms |",
-        "",
+        "| | texts/s, 1 client | texts/s, 4 clients | gguf-serve (1 client) is | rerank 64 docs |",
+        "|---|---:|---:|---:|---:|",
     ]
+    for name, one, four, rerank in rows:
+        four_s = f"{four:.1f}" if four is not None else "(same process)"
+        ratio = "" if name.startswith("gguf-serve") else f"{med[ref] / one:.2f}x"
+        lines.append(f"| {name} | {one:.1f} | {four_s} | {ratio} | {rerank} |")
+    lines.append("")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines), encoding="utf-8")
+    print("\n".join(lines))
     print(f"wrote {args.out}")
 
 
