@@ -11,19 +11,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import platform
 import statistics
-import subprocess
 import time
 from typing import Any
 
-import httpx
 import openai
 
+from bench.servers import BenchServer, llama_server
 from gguf_serve.engine.llama_runtime import usable_cpus
-from tests.e2e.server import ServerProcess, demo_chat_gguf, free_port
+from tests.e2e.server import ServerProcess, demo_chat_gguf
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -132,32 +130,6 @@ def measure(bases: list[str], tokens: int, repeat: int, bias: dict[int, float]) 
     return rows
 
 
-class LlamaServer:
-    """llama.cpp's C++ llama-server on the same GGUF, threads and slots: the reference."""
-
-    def __init__(self, binary: str, slots: int = 8, n_ctx_seq: int = 2048) -> None:
-        self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        cmd = [binary, "-m", str(demo_chat_gguf()), "--port", str(self.port), "-np", str(slots)]
-        cmd += ["-c", str(slots * n_ctx_seq), "-t", str(usable_cpus()), "-b", "512", "-ub", "512"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def wait_ready(self, timeout: float) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited with {self.proc.returncode}")
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
-                    return
-            time.sleep(0.3)
-        raise TimeoutError("llama-server did not start")
-
-    def stop(self) -> None:
-        self.proc.terminate()
-        self.proc.wait(30)
-
-
 def table(name: str, rows: list[Row], inproc: float) -> None:
     one = rows[0][1]
     print(f"\n{name}")
@@ -182,9 +154,14 @@ def main() -> None:
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     inproc, bias = in_process(args.tokens)
-    servers: list[ServerProcess | LlamaServer] = [ServerProcess(args.profile)]
+    servers: list[ServerProcess | BenchServer] = [ServerProcess(args.profile)]
     if args.llama_server:
-        servers.append(LlamaServer(args.llama_server))
+        # the demo profile's slots, per-slot context and batches
+        servers.append(
+            llama_server(
+                args.llama_server, demo_chat_gguf(), "-np", "8", "-c", "16384", "-b", "512", "-ub", "512"
+            )
+        )
     try:
         for server in servers:
             server.wait_ready(600)

@@ -15,10 +15,7 @@ import asyncio
 import os
 import platform
 import random
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,7 +24,9 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.servers import BenchServer, llama_server
+from tests.e2e.server import REPO, free_port
+
 EMBED, RERANK = "all-minilm-l6-v2", "all-minilm-l6-v2-rerank"
 BATCH = 16
 
@@ -125,63 +124,17 @@ def make_texts(n: int, words: int, seed: int) -> list[str]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-class Server:
-    """A server process on a free port: ours (a profile for the GGUF) or llama-server."""
-
-    def __init__(self, cmd: list[str], port: int, name: str) -> None:
-        self.name = name
-        self.url = f"http://127.0.0.1:{port}"
-        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115  (lives as long as the server)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
-
-    @classmethod
-    def ours(cls, gguf: Path, n_batch: int, n_ubatch: int, parallel: int) -> Server:
-        profile = Path(tempfile.mkdtemp()) / "bench.toml"
-        profile.write_text(
-            PROFILE.format(
-                embed=EMBED, rerank=RERANK, path=gguf, n_batch=n_batch, n_ubatch=n_ubatch, parallel=parallel
-            ),
-            encoding="utf-8",
-        )
-        port = free_port()
-        cmd = [sys.executable, "-m", "gguf_serve", "serve", "--profile", str(profile), "--port", str(port)]
-        return cls(cmd, port, "gguf-serve")
-
-    @classmethod
-    def llama_server(cls, binary: str, gguf: Path, parallel: int) -> Server:
-        port = free_port()
-        cmd = [binary, "-m", str(gguf), "--port", str(port), "--embedding", "--pooling", "mean"]
-        cmd += ["-np", str(parallel), "-c", str(512 * parallel), "-b", "2048", "-ub", "512"]
-        cmd += ["-t", str(os.cpu_count() or 1), "--alias", EMBED]
-        return cls(cmd, port, "llama-server")
-
-    def wait_ready(self, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise TimeoutError(f"{self.name} did not start")
-
-    def stop(self) -> None:
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-        self.log.close()
-        Path(self.log.name).unlink(missing_ok=True)
+def our_server(gguf: Path, n_batch: int, n_ubatch: int, parallel: int) -> BenchServer:
+    profile = Path(tempfile.mkdtemp()) / "bench.toml"
+    profile.write_text(
+        PROFILE.format(
+            embed=EMBED, rerank=RERANK, path=gguf, n_batch=n_batch, n_ubatch=n_ubatch, parallel=parallel
+        ),
+        encoding="utf-8",
+    )
+    port = free_port()
+    cmd = [sys.executable, "-m", "gguf_serve", "serve", "--profile", str(profile), "--port", str(port)]
+    return BenchServer("gguf-serve", cmd, port)
 
 
 async def http_embed_rate(url: str, texts: list[str], clients: int) -> float:
@@ -268,25 +221,43 @@ def main() -> None:
     load0 = f"{os.getloadavg()[0]:.2f}"
     st = SentenceTransformersSide(model_dir)
     st.rate(texts[:32])  # warm-up
-    servers = [Server.ours(gguf, args.n_batch, args.n_ubatch, args.parallel)]
+    servers = [our_server(gguf, args.n_batch, args.n_ubatch, args.parallel)]
     if args.llama_server:
-        servers.append(Server.llama_server(args.llama_server, gguf, args.parallel))
+        servers.append(
+            llama_server(
+                args.llama_server,
+                gguf,
+                "--embedding",
+                "--pooling",
+                "mean",
+                "--alias",
+                EMBED,
+                "-np",
+                str(args.parallel),
+                "-c",
+                str(512 * args.parallel),
+                "-b",
+                "2048",
+                "-ub",
+                "512",
+            )
+        )
     # column -> measurements, one per round
     cols: dict[str, list[float]] = {"st": [], "st_rerank": [], "ours_rerank": []}
     try:
         for srv in servers:
             srv.wait_ready()
-            asyncio.run(http_embed_rate(srv.url, texts[:32], 1))  # warm-up
-        tok_per_text = token_count(servers[0].url, texts[:BATCH])
-        doc_tokens = token_count(servers[0].url, docs[:BATCH])
+            asyncio.run(http_embed_rate(srv.base_url, texts[:32], 1))  # warm-up
+        tok_per_text = token_count(servers[0].base_url, texts[:BATCH])
+        doc_tokens = token_count(servers[0].base_url, docs[:BATCH])
         for rnd in range(args.repeats):
             cols["st"].append(st.rate(texts))
             cols["st_rerank"].append(st.rerank_s(query, docs))
             for srv in servers:
                 for clients in (1, 4):
-                    rate = asyncio.run(http_embed_rate(srv.url, texts, clients))
+                    rate = asyncio.run(http_embed_rate(srv.base_url, texts, clients))
                     cols.setdefault(f"{srv.name}/{clients}", []).append(rate)
-            cols["ours_rerank"].append(http_rerank_latency(servers[0].url, query, docs))
+            cols["ours_rerank"].append(http_rerank_latency(servers[0].base_url, query, docs))
             print(f"round {rnd + 1}: " + ", ".join(f"{k} {v[-1]:.2f}" for k, v in cols.items()), flush=True)
     finally:
         for srv in servers:

@@ -100,18 +100,14 @@ class EngineCollector(Collector):
 
     @staticmethod
     def _families(stats: dict[str, dict[str, float]]) -> Iterator[Metric]:
-        for key, (suffix, help_) in _ENGINE_GAUGES.items():
-            fam = GaugeMetricFamily(f"{PREFIX}_{suffix}", help_, labels=["model"])
-            for model, values in stats.items():
-                if key in values:
-                    fam.add_metric([model], float(values[key]))
-            yield fam
-        for key, (name, help_) in _ENGINE_COUNTERS.items():
-            counter = CounterMetricFamily(f"{PREFIX}_{name}", help_, labels=["model"])
-            for model, values in stats.items():
-                if key in values:
-                    counter.add_metric([model], float(values[key]))
-            yield counter
+        families = [(GaugeMetricFamily, _ENGINE_GAUGES), (CounterMetricFamily, _ENGINE_COUNTERS)]
+        for family, table in families:
+            for key, (name, help_) in table.items():
+                fam = family(f"{PREFIX}_{name}", help_, labels=["model"])
+                for model, values in stats.items():
+                    if key in values:
+                        fam.add_metric([model], float(values[key]))
+                yield fam
         ratio = GaugeMetricFamily(
             f"{PREFIX}_kv_cache_usage_ratio", "KV cache cells in use / total", labels=["model"]
         )

@@ -95,14 +95,14 @@ class SequenceBatcher:
     """
 
     def __init__(
-        self, ctx: LlamaContext, readout: Readout, name: str, max_queue: int, pack_tokens: int | None = None
+        self, ctx: LlamaContext, readout: Readout, name: str, max_queue: int, pack_tokens: int
     ) -> None:
         self.ctx = ctx
         self.readout = readout
         self.name = name
         self.n_batch = ctx.params.n_batch
         # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
-        self.pack_tokens = min(pack_tokens or self.n_batch, self.n_batch)
+        self.pack_tokens = min(pack_tokens, self.n_batch)
         self.n_seq_max = ctx.params.n_seq_max
         self.max_pending = max(1, max_queue + self.n_seq_max)  # requests, queued or running
         self._batch = Batch(self.n_batch, 1)

@@ -1,0 +1,51 @@
+"""Server processes for the benchmarks: a command that serves HTTP, with /health, on a free port."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+from gguf_serve.engine.llama_runtime import usable_cpus
+from tests.e2e.server import REPO, free_port
+
+
+class BenchServer:
+    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+        self.name = name
+        self.base_url = f"http://127.0.0.1:{port}"
+        self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115  (lives as long as the server)
+        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+
+    def wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {Path(self.log.name).read_text()[-2000:]}")
+            try:
+                if httpx.get(self.base_url + "/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise TimeoutError(f"{self.name} did not start")
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.log.close()
+        Path(self.log.name).unlink(missing_ok=True)
+
+
+def llama_server(binary: str, gguf: Path, *args: str) -> BenchServer:
+    """llama.cpp's C++ llama-server on `gguf` with our thread count: the reference."""
+    port = free_port()
+    cmd = [binary, "-m", str(gguf), "--port", str(port), "-t", str(usable_cpus()), *args]
+    return BenchServer("llama-server", cmd, port)
