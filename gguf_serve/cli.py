@@ -65,6 +65,7 @@ def serve(
     from gguf_serve.api.app import create_app
     from gguf_serve.engine.llama_runtime import ModelLoadError
     from gguf_serve.engine.registry import ModelRegistry
+    from gguf_serve.model_files import resolve_model_files
 
     settings = _settings(
         profile, host=host, port=port, api_keys=api_key or None, models_dir=models_dir, log_level=log_level
@@ -82,8 +83,7 @@ def serve(
     logging.getLogger("gguf_serve").info("llama.cpp backend: %s", backend_summary())
     try:
         keys = settings.all_api_keys()
-        registry = ModelRegistry(settings)
-        registry.resolve_files()
+        registry = ModelRegistry(settings, resolve_model_files(settings))
     except (SettingsError, ModelLoadError) as e:
         raise fail(str(e)) from None
     if settings.host not in ("127.0.0.1", "localhost", "::1") and not keys:

