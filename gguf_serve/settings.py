@@ -6,8 +6,12 @@ Precedence, highest first: CLI flags (passed as init kwargs) > environment
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
+import types
+import typing
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,6 +26,7 @@ from pydantic import (
 )
 from pydantic_settings import (
     BaseSettings,
+    DotEnvSettingsSource,
     NoDecode,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
@@ -34,6 +39,9 @@ RerankScorerKind = Literal["auto", "head", "causal", "embedding"]
 KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
 PROFILE_DIRS = (Path.cwd() / "profiles", Path(__file__).resolve().parent.parent / "profiles")
+ENV_PREFIX = "GGUF_SERVE_"
+# GGUF_SERVE_* variables that are not server settings: `gguf-serve chat --api-key`.
+NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY"})
 
 # Qwen3-Reranker's own instruction; the model was trained with it as the default task.
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
@@ -77,8 +85,15 @@ class ModelSettings(BaseModel):
 
     n_ctx: int = Field(4096, ge=0, description="0: the model's training context")
     n_gpu_layers: int | Literal["auto"] = 0
-    n_threads: int | None = Field(None, ge=1, description="None: physical cores")
-    n_threads_batch: int | None = Field(None, ge=1)
+    n_threads: int | None = Field(
+        None,
+        ge=1,
+        description="llama.cpp threads for decodes of one token per sequence (generation); "
+        "None: every CPU this process may run on (affinity/cgroup aware, SMT siblings included)",
+    )
+    n_threads_batch: int | None = Field(
+        None, ge=1, description="threads for prompt and embedding batches; None: n_threads"
+    )
     n_batch: int = Field(512, ge=1)
     n_ubatch: int | None = Field(
         None,
@@ -91,7 +106,6 @@ class ModelSettings(BaseModel):
     cache_type_k: KVCacheType = "f16"
     cache_type_v: KVCacheType = "f16"
     use_mmap: bool = True
-    seed: int = -1
 
     # chat
     chat_template: str | None = Field(None, description="a Jinja template, or a path to one")
@@ -173,10 +187,12 @@ class Limits(BaseModel):
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
-        env_prefix="GGUF_SERVE_",
+        env_prefix=ENV_PREFIX,
         env_nested_delimiter="__",
         env_file=".env",
-        extra="ignore",
+        # A misspelt setting is an error, never a silent default (api_key_fil = ... would
+        # serve with no keys at all). GGUF_SERVE_* variables are checked by _check_env_names.
+        extra="forbid",
         toml_file=None,
     )
 
@@ -230,7 +246,12 @@ class Settings(BaseSettings):
         dotenv_settings: PydanticBaseSettingsSource,
         file_secret_settings: PydanticBaseSettingsSource,
     ) -> tuple[PydanticBaseSettingsSource, ...]:
-        return (init_settings, env_settings, dotenv_settings, TomlConfigSettingsSource(settings_cls))
+        return (
+            init_settings,
+            env_settings,
+            _SettingsOnlyDotEnv(settings_cls),
+            TomlConfigSettingsSource(settings_cls),
+        )
 
     def all_api_keys(self) -> list[str]:
         keys = [k.get_secret_value() for k in self.api_keys]
@@ -242,17 +263,63 @@ class Settings(BaseSettings):
             keys += [ln.strip() for ln in text.splitlines() if ln.strip() and not ln.startswith("#")]
         return keys
 
-    def model(self, name: str) -> ModelSettings | None:
-        for m in self.models:
-            if name in m.names:
-                return m
-        return None
-
     def masked_dump(self) -> dict[str, Any]:
         """Effective settings for `gguf-serve config`, secrets masked."""
         data = self.model_dump(mode="json")
         data["api_keys"] = ["***" for _ in self.api_keys]
         return data
+
+
+class _SettingsOnlyDotEnv(DotEnvSettingsSource):
+    """.env may hold other programs' variables too: pass on only this server's settings
+    (a GGUF_SERVE_* name that is none of them is an error, raised by _check_env_names)."""
+
+    def __call__(self) -> dict[str, Any]:
+        return {k: v for k, v in super().__call__().items() if k in self.settings_cls.model_fields}
+
+
+def _nearest(name: str, choices: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
+    """The settings model that the key at `loc` belongs to (loc without the key itself)."""
+    cls: type[BaseModel] = Settings
+    for part in loc:
+        if isinstance(part, int):
+            continue  # a list index: the item type was taken with the field
+        field = cls.model_fields.get(part)
+        if field is None:
+            return None
+        found = _model_in(field.annotation)
+        if found is None:
+            return None
+        cls = found
+    return cls
+
+
+def _model_in(annotation: Any) -> type[BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if typing.get_origin(annotation) in (list, typing.Union, types.UnionType):
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None
+
+
+def _check_env_names(names: Iterable[str], origin: str) -> None:
+    """GGUF_SERVE_* names that are no setting (pydantic-settings would skip them silently)."""
+    valid = {ENV_PREFIX + f.upper() for f in Settings.model_fields}
+    for name in names:
+        upper = name.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in NON_SETTINGS_ENV:
+            continue
+        top = upper.split("__", 1)[0]  # nested keys (LIMITS__MAX_QUEUE) are checked by the models
+        if top not in valid:
+            raise SettingsError(f"unknown setting {name} in {origin}{_nearest(top, sorted(valid))}")
 
 
 def resolve_profile(profile: str) -> Path:
@@ -275,6 +342,14 @@ def resolve_profile(profile: str) -> Path:
 def _describe(err: ValidationError, source: str) -> str:
     first = err.errors()[0]
     loc = ".".join(str(p) for p in first["loc"]) or "settings"
+    unknown = [e["loc"] for e in err.errors() if e["type"] == "extra_forbidden" and e["loc"]]
+    if unknown:  # every misspelt key at once, each with the valid name nearest to it
+        named = []
+        for key in unknown:
+            owner = _model_at(tuple(key[:-1]))
+            hint = _nearest(str(key[-1]), owner.model_fields) if owner is not None else ""
+            named.append(".".join(str(p) for p in key) + hint)
+        return f"unknown setting{'s' if len(named) > 1 else ''} {', '.join(named)}; fix it in {source}"
     got = first.get("input")
     got_s = f" (got {got!r})" if got is not None and not isinstance(got, dict | list) else ""
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
@@ -298,6 +373,12 @@ def load_settings(profile: str | None = None, **overrides: Any) -> Settings:
             {"model_config": {**Settings.model_config, "toml_file": toml_path}},
         )
     clean = {k: v for k, v in overrides.items() if v is not None}
+    _check_env_names(os.environ, "the environment")
+    env_file = Path(str(Settings.model_config.get("env_file") or ".env"))
+    if env_file.is_file():
+        from dotenv import dotenv_values
+
+        _check_env_names(dotenv_values(env_file), str(env_file.resolve()))
     try:
         return cls(profile=str(toml_path) if toml_path else None, **clean)
     except ValidationError as e:

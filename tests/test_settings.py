@@ -75,6 +75,59 @@ def test_wrong_setting_is_one_clear_message(profile: Path, extra: str, needle: s
     assert needle in msg and "\n" not in msg and str(profile) in msg
 
 
+@pytest.mark.parametrize(
+    ("before", "after", "needle"),
+    [
+        # A misspelt top-level key used to load silently: this one served with no API keys.
+        ('api_key_fil = "/etc/gguf-serve/keys"\n', "", "api_key_fil (did you mean api_key_file?)"),
+        ("", "max_queu = 4\n", "limits.max_queu (did you mean max_queue?)"),  # lands in [limits]
+        ("", '[[models]]\nid = "q"\nfile = "x"\nkeep_alvie = 3\n', "keep_alvie (did you mean keep_alive?)"),
+        ("", '[[models]]\nid = "q"\nfile = "x"\n[models.sampling]\ntemprature = 0\n', "temperature?"),
+    ],
+)
+def test_unknown_key_names_the_nearest_valid_one(profile: Path, before: str, after: str, needle: str) -> None:
+    profile.write_text(before + PROFILE + after)
+    with pytest.raises(SettingsError) as e:
+        load_settings(str(profile))
+    msg = str(e.value)
+    assert msg.startswith("unknown setting ") and needle in msg and "\n" not in msg and str(profile) in msg
+
+
+def test_unknown_environment_variable_is_an_error(profile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GGUF_SERVE_API_KEY_FIL", "/etc/keys")
+    with pytest.raises(SettingsError) as e:
+        load_settings(str(profile))
+    assert str(e.value) == (
+        "unknown setting GGUF_SERVE_API_KEY_FIL in the environment (did you mean GGUF_SERVE_API_KEY_FILE?)"
+    )
+    monkeypatch.delenv("GGUF_SERVE_API_KEY_FIL")
+    monkeypatch.setenv("GGUF_SERVE_LIMITS__MAX_QUEU", "3")
+    with pytest.raises(SettingsError, match=r"unknown setting limits\.max_queu \(did you mean max_queue\?\)"):
+        load_settings(str(profile))
+    monkeypatch.delenv("GGUF_SERVE_LIMITS__MAX_QUEU")
+    # The chat client's key is no server setting, but it is a known name.
+    monkeypatch.setenv("GGUF_SERVE_API_KEY", "k")
+    assert load_settings(str(profile)).api_keys == []
+
+
+def test_unknown_dotenv_key_is_an_error_other_programs_keys_are_not(profile: Path) -> None:
+    dotenv = profile.parent / ".env"
+    dotenv.write_text("PATH_OF_SOMETHING_ELSE=1\nGGUF_SERVE_PORT=9005\n")
+    assert load_settings(str(profile)).port == 9005
+    dotenv.write_text("GGUF_SERVE_PROT=9005\n")
+    with pytest.raises(SettingsError) as e:
+        load_settings(str(profile))
+    assert "GGUF_SERVE_PROT" in str(e.value) and "did you mean GGUF_SERVE_PORT?" in str(e.value)
+    assert str(dotenv) in str(e.value)
+
+
+def test_file_is_needed_only_by_models_with_their_own_weights() -> None:
+    ModelSettings(id="r", role="rerank", scorer="embedding", embedding_model="e")
+    ModelSettings(id="q", role="embedding", same_weights_as="e")
+    with pytest.raises(ValueError, match="file is required"):
+        ModelSettings(id="c", role="chat")
+
+
 def test_unknown_profile_lists_choices() -> None:
     with pytest.raises(SettingsError, match="choose one of"):
         load_settings("no-such-profile")
