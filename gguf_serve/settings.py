@@ -38,7 +38,8 @@ Pooling = Literal["none", "mean", "cls", "last", "rank"]
 RerankScorerKind = Literal["auto", "head", "causal", "embedding"]
 KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"]
 
-PROFILE_DIRS = (Path.cwd() / "profiles", Path(__file__).resolve().parent.parent / "profiles")
+# A profile name is looked up in ./profiles, then in the profiles shipped inside the package.
+PROFILE_DIRS = (Path.cwd() / "profiles", Path(__file__).resolve().parent / "profiles")
 ENV_PREFIX = "GGUF_SERVE_"
 # GGUF_SERVE_* variables that are not server settings: `gguf-serve chat --api-key`.
 NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY"})

@@ -10,11 +10,10 @@ role = "embedding"                         # optional: chat | embedding | rerank
 
 from __future__ import annotations
 
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from gguf_serve.convert.errors import ConvertError
 
