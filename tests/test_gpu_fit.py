@@ -1,6 +1,8 @@
 from __future__ import annotations
 
-from gguf_serve.engine.gpu_fit import ModelFootprint, fit_layers
+from gguf_serve.engine.context_size import ContextSize, context_size
+from gguf_serve.engine.gpu_fit import ModelFootprint, auto_layers, fit_layers
+from gguf_serve.settings import ModelSettings
 
 GiB = 2**30
 
@@ -32,3 +34,41 @@ def test_head_goes_with_the_last_layer_and_nothing_fits_in_nothing() -> None:
     need_all_but_head = 40 * (200 * 2**20 + 32 * 2**20)
     assert fit_layers(fp(), 8192, "f16", "f16", need_all_but_head + GiB, GiB) == 39
     assert fit_layers(fp(), 8192, "f16", "f16", GiB // 2, GiB) == 0
+
+
+def qwen3_14b() -> ModelFootprint:
+    # Qwen3-14B Q4_K_M: 40 blocks of ~210 MiB, ~1.2 GiB embeddings/head, 8 kv heads x 128, 40,960 trained.
+    return ModelFootprint([210 * 2**20] * 40, 1200 * 2**20, 1024, n_ctx_train=40960)
+
+
+def test_context_size_chat_counts_every_slot_and_zero_means_the_trained_context() -> None:
+    ms = ModelSettings(id="c", file="x", n_ctx=0, parallel=4)
+    assert context_size(ms, 40960) == ContextSize(n_ctx=4 * 40960, n_ctx_seq=40960, n_batch=512)
+    ms = ModelSettings(id="c", file="x", n_ctx=4096, parallel=4)
+    assert context_size(ms, 40960).n_ctx == 16384
+    assert context_size(ModelSettings(id="c", file="x", n_ctx=0, parallel=2), 0).n_ctx_seq == 4096
+
+
+def test_context_size_embedding_holds_one_batch_whatever_parallel_is() -> None:
+    ms = ModelSettings(id="e", role="embedding", file="x", n_ctx=512, n_batch=512, parallel=16)
+    assert context_size(ms, 512) == ContextSize(n_ctx=512, n_ctx_seq=512, n_batch=512)
+    # never longer than the trained context; a decode always holds one whole sequence
+    ms = ModelSettings(id="e", role="embedding", file="x", n_ctx=0, n_batch=256, parallel=8)
+    assert context_size(ms, 32768) == ContextSize(n_ctx=32768, n_ctx_seq=32768, n_batch=32768)
+    ms = ModelSettings(id="r", role="rerank", file="x", n_ctx=8192, n_batch=2048)
+    assert context_size(ms, 1024).n_ctx_seq == 1024
+
+
+def test_auto_fit_counts_the_trained_context_for_n_ctx_zero() -> None:
+    """Counting 4,096 x parallel for n_ctx = 0 on Qwen3-14B offloaded ~10x too much KV."""
+    free = 24 * GiB
+    at_4k = auto_layers(qwen3_14b(), ModelSettings(id="c", file="x", n_ctx=4096, parallel=4), free)
+    at_train = auto_layers(qwen3_14b(), ModelSettings(id="c", file="x", n_ctx=0, parallel=4), free)
+    assert at_4k == 40
+    # 4 x 40,960 cells x 1024 x 4 bytes = 640 MiB per layer, + 210 MiB weights: ~27 layers in 22.8 GiB
+    reserve = free // 20
+    assert at_train == (free - reserve) // (850 * 2**20)
+    emb = ModelSettings(id="e", role="embedding", file="x", n_ctx=0, n_batch=512, parallel=64)
+    small = ModelFootprint([100 * 2**20] * 36, 300 * 2**20, 1024, n_ctx_train=32768)
+    # an embedding model's cache is one batch (32,768 cells), not 64 of them
+    assert auto_layers(small, emb, 16 * GiB) == 36

@@ -9,6 +9,7 @@ from typing import Any
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
 from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import ContextParams, LlamaContext, LlamaModel, usable_cpus
 from gguf_serve.engine.reasoning import ReasoningParser
 from gguf_serve.engine.requests import (
@@ -51,15 +52,15 @@ class ChatEngine:
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
         self.model = model
         self.settings = ms
-        n_ctx_seq = ms.n_ctx or model.n_ctx_train
+        size = context_size(ms, model.n_ctx_train)
         threads = ms.n_threads or usable_cpus()
         # One KV stream per slot: sequences never evict each other, and results do not
         # depend on what else is in the batch (greedy output equals the sequential one).
         self.ctx = LlamaContext(
             model,
             ContextParams(
-                n_ctx=n_ctx_seq * ms.parallel,
-                n_batch=ms.n_batch,
+                n_ctx=size.n_ctx,
+                n_batch=size.n_batch,
                 n_ubatch=ms.ubatch,
                 n_seq_max=ms.parallel,
                 n_threads=threads,

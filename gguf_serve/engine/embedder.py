@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
+from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import (
     Batch,
     ContextParams,
@@ -47,12 +48,11 @@ def embedding_context(
     model: LlamaModel, ms: ModelSettings, pooling: str, embeddings: bool = True
 ) -> LlamaContext:
     """A context that decodes whole sequences of up to `seq_limit(model, ms)` tokens, many per call."""
-    limit = seq_limit(model, ms)
-    n_batch = max(ms.n_batch, limit)
+    size = context_size(ms, model.n_ctx_train)
+    n_batch = size.n_batch
     threads = ms.n_threads or usable_cpus()
     params = ContextParams(
-        # Sequences are removed right after their decode, so the KV cache only ever holds one batch.
-        n_ctx=n_batch,
+        n_ctx=size.n_ctx,
         n_batch=n_batch,
         n_ubatch=n_batch,
         n_seq_max=max(1, min(ms.parallel, MAX_SEQ_PER_DECODE)),
@@ -70,8 +70,7 @@ def embedding_context(
 
 def seq_limit(model: LlamaModel, ms: ModelSettings) -> int:
     """The longest sequence (in tokens, specials included) one input may have."""
-    train = model.n_ctx_train if model.n_ctx_train > 0 else 512
-    return min(ms.n_ctx, train) if ms.n_ctx > 0 else train
+    return context_size(ms, model.n_ctx_train).n_ctx_seq
 
 
 @dataclass(eq=False)

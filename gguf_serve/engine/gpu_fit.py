@@ -11,6 +11,7 @@ from pathlib import Path
 
 import llama_cpp as llama
 
+from gguf_serve.engine.context_size import context_size
 from gguf_serve.settings import ModelSettings
 
 log = logging.getLogger("gguf_serve.gpu")
@@ -35,6 +36,7 @@ class ModelFootprint:
     layer_bytes: list[int]  # weights of each repeating block
     other_bytes: int  # embeddings, output head, norms
     n_embd_kv: int  # K (or V) width per layer per token
+    n_ctx_train: int = 0  # the trained context (what n_ctx = 0 means)
 
 
 def read_footprint(path: Path) -> ModelFootprint:
@@ -60,7 +62,9 @@ def read_footprint(path: Path) -> ModelFootprint:
     n_head_kv = num("attention.head_count_kv", n_head)
     n_embd = num("embedding_length", 0)
     head_dim = num("attention.key_length", n_embd // max(1, n_head))
-    return ModelFootprint([layers[i] for i in sorted(layers)], other, n_head_kv * head_dim)
+    return ModelFootprint(
+        [layers[i] for i in sorted(layers)], other, n_head_kv * head_dim, num("context_length", 0)
+    )
 
 
 def fit_layers(
@@ -78,6 +82,13 @@ def fit_layers(
         budget -= cost
         n += 1
     return n
+
+
+def auto_layers(fp: ModelFootprint, ms: ModelSettings, free_bytes: int) -> int:
+    """n_gpu_layers = auto: counted with the KV cache the engine will allocate for `ms`."""
+    n_ctx_total = context_size(ms, fp.n_ctx_train).n_ctx
+    reserve = max(512 * 2**20, free_bytes // 20)
+    return fit_layers(fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v, free_bytes, reserve)
 
 
 def free_gpu_memory() -> int | None:
@@ -111,10 +122,7 @@ def choose_gpu_layers(path: Path, ms: ModelSettings) -> int:
         )
         return ALL_LAYERS
     fp = read_footprint(path)
-    n_ctx_total = (ms.n_ctx or 4096) * ms.parallel
-    n = fit_layers(
-        fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v, free, reserve_bytes=max(512 * 2**20, free // 20)
-    )
+    n = auto_layers(fp, ms, free)
     log.info(
         "model %s: n_gpu_layers=auto -> %d of %d layers (%.1f GiB free, %.1f GiB of weights)",
         ms.id,
