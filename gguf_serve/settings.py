@@ -203,6 +203,10 @@ class Settings(BaseSettings):
     models_dir: Path = Path("models")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_prompts: bool = False
+    # llama.cpp's AMX kernels crash or compute wrong results on quantized weights (upstream);
+    # off, the server never runs them (gguf_serve/engine/llama_backend.py). For experiments on
+    # AMX CPUs, after `gguf-serve check-kernels` passes for every weight type you serve.
+    allow_amx: bool = False
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 
 from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
@@ -24,9 +24,13 @@ IDLE_CHECK_S = 5.0
 
 
 def create_app(
-    settings: Settings, registry: ModelRegistry, on_fatal: Callable[[], None] | None = None
+    settings: Settings,
+    registry: ModelRegistry,
+    on_fatal: Callable[[], None] | None = None,
+    runtime: Mapping[str, object] | None = None,
 ) -> FastAPI:
-    """`on_fatal` is called when a model fails to load, so the process can exit non-zero."""
+    """`on_fatal` is called when a model fails to load, so the process can exit non-zero.
+    `runtime` describes the llama.cpp backend (CPU, kernels, devices) for GET /stats."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,5 +76,5 @@ def create_app(
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)
-    install_observability(app, settings, Metrics(), registry.stats)
+    install_observability(app, settings, Metrics(), registry.stats, runtime)
     return app

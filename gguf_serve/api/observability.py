@@ -15,7 +15,7 @@ import math
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 from fastapi import FastAPI
@@ -26,6 +26,7 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    Info,
     generate_latest,
 )
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -334,7 +335,11 @@ class AccessLogMiddleware:
 
 
 def install_observability(
-    app: FastAPI, settings: Settings, metrics: Metrics, stats_provider: StatsProvider
+    app: FastAPI,
+    settings: Settings,
+    metrics: Metrics,
+    stats_provider: StatsProvider,
+    runtime: Mapping[str, object] | None = None,
 ) -> None:
     """Add the access log + request id middleware, GET /metrics and GET /stats.
 
@@ -344,12 +349,18 @@ def install_observability(
     """
     metrics.bind_stats(stats_provider)
     app.state.metrics = metrics
+    # What llama.cpp runs on (CPU, variant, AMX, repack, GPUs): a bug report's first question.
+    runtime = dict(runtime or {})
+    if runtime:
+        keys: tuple[str, ...] = ("build", "cpu_model", "cpu_variant", "amx", "repack")
+        labels = {k: str(runtime[k]) for k in keys if k in runtime}
+        Info(f"{PREFIX}_runtime", "llama.cpp backend of this process", registry=metrics.registry).info(labels)
 
     async def prometheus_metrics() -> Response:
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def stats() -> JSONResponse:
-        return JSONResponse(metrics.snapshot())
+        return JSONResponse({**metrics.snapshot(), "runtime": runtime})
 
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
     app.add_api_route("/stats", stats, methods=["GET"], include_in_schema=False)

@@ -31,14 +31,19 @@ def normalize_type(type_name: str) -> str:
     return name
 
 
-def quantize_gguf(src: Path, dst: Path, type_name: str, threads: int | None = None) -> Path:
-    """Write dst as the type_name quantization of src (atomically); returns dst."""
+def quantize_gguf(
+    src: Path, dst: Path, type_name: str, threads: int | None = None, allow_requantize: bool = False
+) -> Path:
+    """Write dst as the type_name quantization of src (atomically); returns dst.
+
+    `allow_requantize`: src may itself be quantized (lossy; for tests of kernel paths, not models)."""
     name = normalize_type(type_name)
     if not src.is_file():
         raise ConvertError(f"{src}: no such GGUF file to quantize")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_types()[name]
     params.nthread = threads or os.cpu_count() or 1
+    params.allow_requantize = allow_requantize
     with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))
         if rc != 0 or not tmp.is_file():

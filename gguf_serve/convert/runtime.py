@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,30 +17,16 @@ import llama_cpp
 import numpy as np
 
 from gguf_serve.convert.errors import ConvertError
-
-_init_lock = threading.Lock()
-_initialised = False
-
-
-@llama_cpp.llama_log_callback
-def _quiet_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    return None
-
-
-def _init() -> None:
-    global _initialised
-    with _init_lock:
-        if not _initialised:
-            llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
-            llama_cpp.llama_backend_init()
-            _initialised = True
+from gguf_serve.engine.llama_backend import init_backend
 
 
 @contextlib.contextmanager
 def load_model(path: Path, vocab_only: bool = False) -> Iterator[Any]:
-    _init()
+    # The serving engine's backend start-up: one log route, one CPU-variant and AMX decision.
+    backend = init_backend()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = vocab_only
+    params.use_extra_bufts = backend.extra_buffer_types
     params.n_gpu_layers = 0
     model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
     if not model:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,8 @@ from pathlib import Path
 import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
+
+from gguf_serve.engine.llama_backend import init_backend
 
 log = logging.getLogger("gguf_serve.llama")
 
@@ -50,41 +51,6 @@ class DecodeError(RuntimeError):
     """llama_decode failed (e.g. no KV cache slot for the batch)."""
 
 
-_backend_lock = threading.Lock()
-_backend_ready = False
-_log_callback: object | None = None  # keep the ctypes callback alive
-
-
-def _route_llama_logs() -> None:
-    """Send llama.cpp's own logging to Python logging instead of stderr."""
-    global _log_callback
-    levels = {3: logging.WARNING, 4: logging.ERROR}  # GGML_LOG_LEVEL_WARN/ERROR; INFO/DEBUG/CONT -> debug
-
-    @llama.llama_log_callback
-    def _cb(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
-        if text:
-            log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
-
-    _log_callback = _cb
-    llama.llama_log_set(_cb, ctypes.c_void_p(0))
-
-
-def ensure_backend() -> None:
-    global _backend_ready
-    with _backend_lock:
-        if not _backend_ready:
-            _route_llama_logs()
-            llama.llama_backend_init()
-            _backend_ready = True
-
-
-def backend_summary() -> str:
-    """What this llama.cpp build runs on, for the start-up log."""
-    ensure_backend()
-    gpu = "GPU offload available" if llama.llama_supports_gpu_offload() else "CPU only (no GPU backend built)"
-    return f"{gpu}; {llama.llama_print_system_info().decode().strip()}"
-
-
 def check_gguf_header(path: Path) -> None:
     """Fail early, with a clear message, on files that are not GGUF (llama.cpp would abort)."""
     try:
@@ -108,12 +74,23 @@ def usable_cpus() -> int:
 class LlamaModel:
     """Loaded weights and vocabulary. Thread-safe for read-only use (tokenize, metadata)."""
 
-    def __init__(self, path: Path, n_gpu_layers: int = 0, use_mmap: bool = True) -> None:
-        ensure_backend()
+    def __init__(
+        self,
+        path: Path,
+        n_gpu_layers: int = 0,
+        use_mmap: bool = True,
+        extra_buffer_types: bool | None = None,
+    ) -> None:
+        """`extra_buffer_types`: None follows the backend's decision (see llama_backend);
+        False forces the plain kernels, the reference the kernel-path check compares with."""
+        backend = init_backend()
         check_gguf_header(path)
         self.path = path
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.use_extra_bufts = (
+            backend.extra_buffer_types if extra_buffer_types is None else extra_buffer_types
+        )
         if hasattr(params, "use_mmap"):
             params.use_mmap = use_mmap
         ptr = llama.llama_model_load_from_file(str(path).encode(), params)
