@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -11,6 +12,7 @@ from typing import Any
 
 from fastapi import Request
 
+from gguf_serve.api.errors import error_body
 from gguf_serve.engine.registry import LoadedModel
 from gguf_serve.engine.requests import EngineError, Finished
 from gguf_serve.settings import Limits, Role
@@ -19,6 +21,18 @@ from gguf_serve.settings import Limits, Role
 class GenerationFailed(EngineError):
     status = 500
     code = "generation_failed"
+
+
+class RequestTimeout(EngineError):
+    """The request ran past limits.request_timeout_s: a 504, or an error event in a stream."""
+
+    status = 504
+    code = "timeout"
+
+
+def stream_error(err: EngineError) -> str:
+    """The error event that ends an SSE stream whose headers (200) are already sent."""
+    return json.dumps(error_body(err.status, err.message, err.param, err.code))
 
 
 @dataclass
@@ -51,24 +65,26 @@ class ServingContext:
 
     def finished(self, fin: Finished | None) -> Finished:
         """Account for a finished generation; turn an engine failure into an error."""
-        if fin is None:  # the deadline cut it short
-            fin = Finished("length", 0, 0)
+        if fin is None:  # the generation ended without saying how
+            raise GenerationFailed("generation ended without a finish reason")
         if self.metrics is not None:
             self.metrics.add_tokens(self.loaded.settings.id, fin.prompt_tokens, fin.completion_tokens)
         if fin.reason == "error":
             raise GenerationFailed(fin.error or "generation failed")
         if fin.reason == "cancelled":
-            fin.reason = "length"  # the request's own deadline ended it
+            fin.reason = "length"  # the server shut down mid-answer: what it made is returned
         return fin
 
 
 class Deadline:
-    """`async with Deadline(seconds, cancel)`: past the deadline, cancel the generation and
-    end the loop quietly; the answer so far is returned with finish_reason "length"."""
+    """`async with Deadline(seconds, cancel, what)`: past the deadline, cancel the generation
+    and raise RequestTimeout, as embeddings and rerank do."""
 
-    def __init__(self, seconds: float, cancel: Callable[[], None]) -> None:
+    def __init__(self, seconds: float, cancel: Callable[[], None], what: str) -> None:
         self._timeout = asyncio.timeout(seconds)
+        self._seconds = seconds
         self._cancel = cancel
+        self._what = what
 
     async def __aenter__(self) -> Deadline:
         await self._timeout.__aenter__()
@@ -81,5 +97,5 @@ class Deadline:
             await self._timeout.__aexit__(et, e, tb)
         except TimeoutError:
             self._cancel()
-            return True
+            raise RequestTimeout(f"{self._what} took longer than {self._seconds:g}s") from None
         return False

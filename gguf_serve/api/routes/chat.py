@@ -13,9 +13,9 @@ from sse_starlette.sse import EventSourceResponse
 
 from gguf_serve.api.protocol.chat import ChatCompletionRequest, logprobs_json, tool_call_json
 from gguf_serve.api.protocol.common import usage
-from gguf_serve.api.serving import Deadline, ServingContext
+from gguf_serve.api.serving import Deadline, ServingContext, stream_error
 from gguf_serve.engine.chat import ChatStream
-from gguf_serve.engine.requests import ChatDelta, Finished, TokenLogprob, ToolCall
+from gguf_serve.engine.requests import ChatDelta, EngineError, Finished, TokenLogprob, ToolCall
 
 router = APIRouter()
 
@@ -38,7 +38,7 @@ async def _collect(ctx: ServingContext, chat: ChatStream, rid: str) -> dict[str,
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] = []
     fin: Finished | None = None
-    async with Deadline(ctx.limits.request_timeout_s, chat.cancel):
+    async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "chat completion"):
         async for ev in chat:
             if isinstance(ev, ChatDelta):
                 ctx.first_token()
@@ -90,7 +90,7 @@ async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage
     fin: Finished | None = None
     try:
         yield chunk({"role": "assistant", "content": ""})
-        async with Deadline(ctx.limits.request_timeout_s, chat.cancel):
+        async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "chat completion"):
             async for ev in chat:
                 if isinstance(ev, Finished):
                     fin = ev
@@ -116,6 +116,9 @@ async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage
                 "usage": usage(fin.prompt_tokens, fin.completion_tokens, fin.cached_tokens),
             }
             yield json.dumps(body)
+        yield "[DONE]"
+    except EngineError as e:  # a timeout or a failed generation after the 200 went out
+        yield stream_error(e)
         yield "[DONE]"
     finally:
         # Also when the client went away: the slot is freed at the scheduler's next step.

@@ -14,8 +14,8 @@ from sse_starlette.sse import EventSourceResponse
 
 from gguf_serve.api.protocol.common import usage
 from gguf_serve.api.protocol.completions import CompletionRequest, legacy_logprobs
-from gguf_serve.api.serving import Deadline, ServingContext
-from gguf_serve.engine.requests import Finished, TextChunk, TokenLogprob
+from gguf_serve.api.serving import Deadline, ServingContext, stream_error
+from gguf_serve.engine.requests import EngineError, Finished, TextChunk, TokenLogprob
 from gguf_serve.engine.scheduler import Generation
 
 router = APIRouter()
@@ -69,7 +69,7 @@ async def _collect(ctx: ServingContext, gen: Generation) -> tuple[str, list[Toke
     parts: list[str] = []
     lps: list[TokenLogprob] = []
     fin: Finished | None = None
-    async with Deadline(ctx.limits.request_timeout_s, gen.cancel):
+    async with Deadline(ctx.limits.request_timeout_s, gen.cancel, "completion"):
         async for ev in gen:
             if isinstance(ev, TextChunk):
                 ctx.first_token()
@@ -114,7 +114,7 @@ async def _stream(
     offsets = [0] * len(gens)
     try:
         open_streams = len(gens)
-        async with Deadline(ctx.limits.request_timeout_s, lambda: _cancel_all(gens)):
+        async with Deadline(ctx.limits.request_timeout_s, lambda: _cancel_all(gens), "completion"):
             while open_streams:
                 i, ev = await queue.get()
                 if ev is None:
@@ -141,6 +141,9 @@ async def _stream(
                     "usage": usage(*totals),
                 }
             )
+        yield "[DONE]"
+    except EngineError as e:  # a timeout or a failed generation after the 200 went out
+        yield stream_error(e)
         yield "[DONE]"
     finally:
         _cancel_all(gens)

@@ -8,15 +8,9 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gguf_serve.api.protocol.embeddings import EmbeddingRequest, embedding_response
-from gguf_serve.api.serving import ServingContext
-from gguf_serve.engine.requests import EngineError
+from gguf_serve.api.serving import RequestTimeout, ServingContext
 
 router = APIRouter()
-
-
-class RequestTimeout(EngineError):
-    status = 504
-    code = "timeout"
 
 
 @router.post("/v1/embeddings")

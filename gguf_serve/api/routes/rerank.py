@@ -8,8 +8,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gguf_serve.api.protocol.rerank import RerankRequest, rerank_response
-from gguf_serve.api.routes.embeddings import RequestTimeout
-from gguf_serve.api.serving import ServingContext
+from gguf_serve.api.serving import RequestTimeout, ServingContext
 
 router = APIRouter()
 

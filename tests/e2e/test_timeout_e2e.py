@@ -1,0 +1,83 @@
+"""request_timeout_s on every route: a chat or completion past it is a 504 in OpenAI's error
+shape (as embeddings and rerank are), and a stream ends with an error event."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from tests.e2e.server import ServerProcess, demo_chat_gguf
+
+pytestmark = pytest.mark.e2e
+
+PROFILE = f"""
+[limits]
+request_timeout_s = 0.5
+
+[[models]]
+id = "smol"
+file = "{demo_chat_gguf()}"
+n_ctx = 4096
+parallel = 1
+"""
+# Longer than 0.5 s on any CPU: 3,000 tokens with the end-of-turn token banned.
+LONG = {"max_tokens": 3000, "logit_bias": {"2": -100}, "temperature": 0.8}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    profile = tmp_path_factory.mktemp("timeout") / "timeout.toml"
+    profile.write_text(PROFILE)
+    proc = ServerProcess(str(profile))
+    try:
+        proc.wait_ready(timeout=300)
+        yield proc.base_url
+    finally:
+        proc.stop()
+
+
+def assert_timeout_error(body: dict[str, object]) -> None:
+    err = body["error"]
+    assert isinstance(err, dict)
+    assert err["code"] == "timeout" and err["type"] == "server_error"
+    assert "took longer than 0.5s" in str(err["message"])
+
+
+def test_chat_past_the_deadline_is_a_504(server: str) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "Tell me a long story."}], **LONG}
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 504
+    assert_timeout_error(r.json())
+
+
+def test_completion_past_the_deadline_is_a_504(server: str) -> None:
+    r = httpx.post(server + "/v1/completions", json={"prompt": "Once upon a time", **LONG}, timeout=60)
+    assert r.status_code == 504
+    assert_timeout_error(r.json())
+
+
+def test_stream_past_the_deadline_ends_with_an_error_event(server: str) -> None:
+    body = {
+        "model": "smol",
+        "messages": [{"role": "user", "content": "Tell me a long story."}],
+        "stream": True,
+        **LONG,
+    }
+    with httpx.stream("POST", server + "/v1/chat/completions", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [ln[len("data: ") :] for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    last = json.loads(events[-2])
+    assert_timeout_error(last)
+    # No finish_reason "length" with zero usage pretends the answer was complete.
+    chunks = [json.loads(e) for e in events[:-2]]
+    assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
+
+
+def test_the_server_serves_on_after_timeouts(server: str) -> None:
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
