@@ -48,6 +48,25 @@ NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY"})
 DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
+def machine_memory_bytes() -> int:
+    """Physical memory, or the cgroup's limit when that is lower (containers)."""
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    for limit_file in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            raw = Path(limit_file).read_text().strip()
+        except OSError:
+            continue
+        if raw.isdigit() and 0 < int(raw) < total:
+            total = int(raw)
+        break
+    return int(total)
+
+
+def default_prompt_cache_mib() -> int:
+    """llama-server keeps 8 GiB of prompts; a small machine gets 1/8 of its memory."""
+    return max(64, min(8192, machine_memory_bytes() // 8 // (1024 * 1024)))
+
+
 class SettingsError(Exception):
     """A setting is wrong; the message names it and the fix, for a one-line CLI error."""
 
@@ -112,6 +131,21 @@ class ModelSettings(BaseModel):
     chat_template: str | None = Field(None, description="a Jinja template, or a path to one")
     reasoning: bool = Field(True, description="parse <think>...</think> into reasoning_content")
     sampling: SamplingDefaults = Field(default_factory=lambda: SamplingDefaults())
+    # Slot choice and the host-RAM prompt cache, as llama-server's --slot-prompt-similarity
+    # and --cache-ram: RAG follow-ups after other users' requests skip their prefill.
+    slot_similarity: float = Field(
+        0.1,
+        ge=0.0,
+        le=1.0,
+        description="reuse an idle slot's cache only when the prefix it shares is more than this "
+        "fraction of the prompt; else take an empty or the least recently used slot",
+    )
+    prompt_cache_mib: int | None = Field(
+        None,
+        ge=0,
+        description="host RAM (MiB) for the KV state of sequences evicted from slots; "
+        "None: 1/8 of the machine's memory, at most 8192; 0: off",
+    )
 
     # embedding
     pooling: Pooling | None = Field(None, description="None: from the GGUF metadata")
@@ -166,6 +200,12 @@ class ModelSettings(BaseModel):
         if self.n_ubatch is not None:
             return self.n_ubatch
         return min(512, self.n_batch) if self.role == "chat" else self.n_batch
+
+    @property
+    def prompt_cache_bytes(self) -> int:
+        """prompt_cache_mib with its machine-sized default, in bytes."""
+        mib = self.prompt_cache_mib if self.prompt_cache_mib is not None else default_prompt_cache_mib()
+        return mib * 1024 * 1024
 
     @property
     def names(self) -> list[str]:

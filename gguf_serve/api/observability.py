@@ -73,12 +73,32 @@ _ENGINE_GAUGES = {
     "kv_used_cells": ("kv_cache_used_cells", "KV cache cells in use"),
     "kv_total_cells": ("kv_cache_total_cells", "KV cache cells in the context"),
     "loaded": ("model_loaded", "1 when the model is loaded, 0 when not (lazy load or idle unload)"),
+    "prompt_cache_bytes": ("prompt_cache_bytes", "Host RAM held by the prompt cache's saved KV states"),
+    "prompt_cache_limit_bytes": ("prompt_cache_limit_bytes", "The prompt cache's bound (prompt_cache_mib)"),
+    "prompt_cache_entries": ("prompt_cache_entries", "Prompts (token prefixes) in the prompt cache"),
 }
 # stats_provider key -> (counter name without _total, help): where each model's worker thread spends its time.
 _ENGINE_COUNTERS = {
     "decodes": ("engine_decode_calls", "llama_decode calls (one per scheduler step or embedding batch)"),
     "decode_seconds": ("engine_decode_seconds", "Seconds spent inside llama_decode"),
     "sample_seconds": ("engine_sample_seconds", "Seconds spent sampling tokens and handling their text"),
+    "prompt_cache_hits": ("prompt_cache_hits", "Requests whose prefix was restored from the prompt cache"),
+    "prompt_cache_misses": (
+        "prompt_cache_misses",
+        "Requests for which the prompt cache held no longer prefix than their slot",
+    ),
+    "prompt_cache_restored_tokens": (
+        "prompt_cache_restored_tokens",
+        "Prompt tokens restored from the prompt cache instead of prefilled",
+    ),
+    "prompt_cache_saves": (
+        "prompt_cache_saves",
+        "Sequences saved to the prompt cache before their slot was reused",
+    ),
+    "prompt_cache_evictions": (
+        "prompt_cache_evictions",
+        "Prompt cache entries dropped to stay within its bound",
+    ),
 }
 
 

@@ -11,6 +11,7 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import ContextParams, LlamaContext, LlamaModel, usable_cpus
+from gguf_serve.engine.prompt_cache import PromptCache
 from gguf_serve.engine.reasoning import ReasoningParser
 from gguf_serve.engine.requests import (
     ChatDelta,
@@ -74,7 +75,16 @@ class ChatEngine:
         bos = model.detokenize([model.bos], special=True) if model.bos >= 0 else ""
         eos = model.detokenize([model.eos], special=True) if model.eos >= 0 else ""
         self.template = ChatTemplate(ms.chat_template or model.chat_template() or CHATML_TEMPLATE, bos, eos)
-        self.scheduler = ChatScheduler(model, self.ctx, ms.parallel, limits.max_queue, ms.id)
+        cache_bytes = ms.prompt_cache_bytes
+        self.scheduler = ChatScheduler(
+            model,
+            self.ctx,
+            ms.parallel,
+            limits.max_queue,
+            ms.id,
+            prompt_cache=PromptCache(cache_bytes) if cache_bytes > 0 else None,
+            slot_similarity=ms.slot_similarity,
+        )
 
     @property
     def n_ctx(self) -> int:

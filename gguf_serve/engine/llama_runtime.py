@@ -268,6 +268,31 @@ class LlamaContext:
     def clear(self) -> None:
         llama.llama_memory_clear(self.memory, True)
 
+    # --- per-sequence state: the KV cells of one sequence, to host RAM and back -------------
+    def seq_state_size(self, seq_id: int) -> int:
+        return int(llama.llama_state_seq_get_size(self.ptr, seq_id))
+
+    def seq_state(self, seq_id: int) -> npt.NDArray[np.uint8]:
+        """A copy of sequence `seq_id`'s KV state (uninitialised buffer, filled by llama.cpp)."""
+        size = self.seq_state_size(seq_id)
+        buf = np.empty(size, dtype=np.uint8)
+        n = llama.llama_state_seq_get_data(
+            self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id
+        )
+        if n != size:
+            raise DecodeError(f"llama_state_seq_get_data wrote {n} of {size} bytes for sequence {seq_id}")
+        return buf
+
+    def set_seq_state(self, seq_id: int, state: npt.NDArray[np.uint8]) -> bool:
+        """Replace sequence `seq_id`'s KV with a saved state (from any sequence of this
+        context). False when llama.cpp cannot place it; the sequence is then empty."""
+        ptr = state.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        n = llama.llama_state_seq_set_data(self.ptr, ptr, state.nbytes, seq_id)
+        if n != state.nbytes:
+            self.seq_rm(seq_id)
+            return False
+        return True
+
     def close(self) -> None:
         if getattr(self, "ptr", None):
             llama.llama_free(self.ptr)

@@ -5,6 +5,9 @@ generating sequence, plus chunks of prompts being prefilled, into ONE llama_deco
 then samples every sequence with its own sampler chain and hands the text to the
 request's asyncio queue. Slots keep their KV cache after a request ends, so the next
 request with the same prefix (a multi-turn chat, a RAG system prompt) skips that prefill.
+A new request goes to the idle slot that shares a large part of its prompt, else to an
+empty or the least recently used one; what that slot held is saved to the host-RAM prompt
+cache first, and the longest cached prefix of the new prompt is restored from it.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from gguf_serve.engine.llama_runtime import Batch, DecodeError, LlamaContext, LlamaModel
+from gguf_serve.engine.prompt_cache import PromptCache, common_prefix_len
 from gguf_serve.engine.requests import (
     ContextOverflow,
     Finished,
@@ -110,6 +114,7 @@ class Slot:
     max_new: int = 0
     last_token: int = -1
     batch_index: int = -1  # where this slot's logits are in the current batch
+    last_used: int = -1  # the scheduler's clock when a request last started or ended here
 
 
 def _deliver(items: list[tuple[Job, GenerationEvent]]) -> None:
@@ -117,18 +122,21 @@ def _deliver(items: list[tuple[Job, GenerationEvent]]) -> None:
         job.queue.put_nowait(ev)
 
 
-def common_prefix_len(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if n == 0:
-        return 0
-    # numpy compares long prompts much faster than a Python loop.
-    diff = np.flatnonzero(np.asarray(a[:n]) != np.asarray(b[:n]))
-    return int(diff[0]) if diff.size else n
-
-
 class ChatScheduler:
-    def __init__(self, model: LlamaModel, ctx: LlamaContext, n_slots: int, max_queue: int, name: str) -> None:
+    def __init__(
+        self,
+        model: LlamaModel,
+        ctx: LlamaContext,
+        n_slots: int,
+        max_queue: int,
+        name: str,
+        prompt_cache: PromptCache | None = None,
+        slot_similarity: float = 0.1,
+    ) -> None:
         self.model = model
+        self.prompt_cache = prompt_cache
+        self.slot_similarity = slot_similarity
+        self._clock = 0
         self.ctx = ctx
         self.name = name
         self.max_queue = max_queue
@@ -208,6 +216,7 @@ class ChatScheduler:
             "decodes": float(self.decodes),
             "decode_seconds": self.decode_s,
             "sample_seconds": self.sample_s,
+            **(self.prompt_cache.stats() if self.prompt_cache is not None else {}),
         }
 
     def idle(self) -> bool:
@@ -284,12 +293,62 @@ class ChatScheduler:
                 if not self._waiting:
                     return
                 job = self._waiting.popleft()
-            # Reuse the idle slot whose cache shares the longest prefix with this prompt.
-            slot = max(idle, key=lambda s: common_prefix_len(s.cached, job.prompt))
-            self._start(slot, job)
+            self._start(self._choose_slot(idle, job.prompt), job)
+
+    def _choose_slot(self, idle: list[Slot], prompt: list[int]) -> Slot:
+        """llama-server's rule: the idle slot sharing the largest fraction of the prompt, if
+        that is more than slot_similarity; else an empty or the least recently used one. A
+        long RAG prompt that shares only the template and system prompt with a slot's
+        conversation (a few % of it) leaves that conversation where it is."""
+        best: Slot | None = None
+        best_sim = self.slot_similarity
+        if best_sim > 0:
+            for s in idle:
+                if s.cached:
+                    sim = common_prefix_len(s.cached, prompt) / len(prompt)
+                    if sim > best_sim:
+                        best, best_sim = s, sim
+        if best is not None:
+            return best
+        return min(idle, key=lambda s: (bool(s.cached), s.last_used))
+
+    def _tick(self) -> int:
+        self._clock += 1
+        return self._clock
+
+    def _reuse(self, slot: Slot, prompt: list[int]) -> int:
+        """Put the longest known prefix of `prompt` into `slot`'s KV (its own cache, or a
+        state from the prompt cache) and return its length; what the slot held and is about
+        to lose goes to the prompt cache first."""
+        keep = min(common_prefix_len(slot.cached, prompt), len(prompt) - 1)
+        cache = self.prompt_cache
+        if cache is None:
+            return keep
+        found = cache.best(prompt)
+        restore = found is not None and min(found[1], len(prompt) - 1) > keep
+        # Save when most of the slot would be lost (llama-server's f_keep < 0.5): a follow-up
+        # that keeps the passages and drops only the last question is not worth a copy.
+        losing = bool(slot.cached) and (restore or keep < len(slot.cached) / 2)
+        if losing and not cache.covers(slot.cached) and cache.fits(self.ctx.seq_state_size(slot.seq_id)):
+            cache.put(list(slot.cached), self.ctx.seq_state(slot.seq_id))
+        if found is None or not restore:
+            cache.misses += 1
+            return keep
+        entry, n_shared = found
+        if not self.ctx.set_seq_state(slot.seq_id, entry.state):
+            log.warning("%s: could not restore a cached prompt of %d tokens", self.name, len(entry.tokens))
+            cache.discard(entry)
+            cache.misses += 1
+            slot.cached = []
+            return 0
+        slot.cached = entry.tokens.tolist()
+        keep = min(n_shared, len(prompt) - 1)
+        cache.used(entry, keep)
+        return keep
 
     def _start(self, slot: Slot, job: Job) -> None:
-        keep = min(common_prefix_len(slot.cached, job.prompt), len(job.prompt) - 1)
+        keep = self._reuse(slot, job.prompt)
+        slot.last_used = self._tick()
         if not self.ctx.seq_rm(slot.seq_id, keep, -1):  # some caches cannot drop a tail
             self.ctx.seq_rm(slot.seq_id, 0, -1)
             keep = 0
@@ -388,6 +447,7 @@ class ChatScheduler:
         s.stream = None
         s.job = None
         s.state = SlotState.IDLE
+        s.last_used = self._tick()
         if reason in ("error",):
             s.cached = []
 

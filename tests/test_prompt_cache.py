@@ -1,0 +1,346 @@
+"""Slot choice and the host-RAM prompt cache, on the demo chat GGUF (real weights).
+
+The engine-level tests drive a ChatEngine directly (no HTTP) with greedy sampling, so each
+check is exact: which slot a prompt lands in, how many prompt tokens came from a cache, and
+whether a restored prefix gives the very continuation a fresh prefill gives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import Iterator
+
+import llama_cpp
+import numpy as np
+import pytest
+
+from gguf_serve.engine.chat import ChatEngine
+from gguf_serve.engine.llama_runtime import Batch, ContextParams, LlamaContext, LlamaModel
+from gguf_serve.engine.prompt_cache import PromptCache
+from gguf_serve.engine.requests import Finished, SamplingParams, TextChunk
+from gguf_serve.settings import Limits, ModelSettings
+from tests.e2e.server import demo_chat_gguf
+
+WORDS = [
+    "river",
+    "stone",
+    "market",
+    "lantern",
+    "harbor",
+    "copper",
+    "winter",
+    "orchard",
+    "signal",
+    "bridge",
+    "meadow",
+    "engine",
+    "glacier",
+    "violet",
+    "archive",
+    "compass",
+    "thunder",
+    "canyon",
+    "ribbon",
+    "saddle",
+    "marble",
+    "falcon",
+    "pepper",
+    "quartz",
+]
+SYSTEM = "You answer questions about the passage below, briefly."
+
+
+def passage(i: int, n_words: int = 300) -> str:
+    rng = random.Random(i)
+    return f"Passage {i}: " + " ".join(rng.choice(WORDS) for _ in range(n_words))
+
+
+def greedy(max_tokens: int = 8) -> SamplingParams:
+    return SamplingParams(temperature=0.0, top_k=1, max_tokens=max_tokens, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model() -> Iterator[LlamaModel]:
+    m = LlamaModel(demo_chat_gguf())
+    yield m
+    m.close()
+
+
+def engine(model: LlamaModel, parallel: int, cache_mib: int, similarity: float = 0.1) -> ChatEngine:
+    ms = ModelSettings(
+        id="smol",
+        file=str(model.path),
+        n_ctx=1024,
+        parallel=parallel,
+        n_threads=2,
+        prompt_cache_mib=cache_mib,
+        slot_similarity=similarity,
+    )
+    return ChatEngine(model, ms, Limits())
+
+
+@pytest.fixture
+def make_engine(model: LlamaModel) -> Iterator[list[ChatEngine]]:
+    made: list[ChatEngine] = []
+    yield made
+    for e in made:
+        e.close()
+
+
+def prompt_text(i: int, question: str = "What is it about?") -> str:
+    return (
+        f"<|im_start|>system\n{SYSTEM}<|im_end|>\n<|im_start|>user\n{passage(i)}\n\n{question}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+
+
+def prompt(eng: ChatEngine, i: int, question: str = "What is it about?") -> list[int]:
+    return eng.tokenize_prompt(prompt_text(i, question))
+
+
+def raw_prompt(eng: ChatEngine, i: int, question: str) -> list[int]:
+    """No template: prompts of different `i` share no first token. llama.cpp's logits
+    depend (in the last bits) on how a prompt was split into batches, so comparing two
+    engines token for token needs prompts that both prefill from their first token."""
+    return eng.model.tokenize(
+        f"{WORDS[i % len(WORDS)]}: {passage(i)}\n\nQ: {question}\nA:", add_special=False
+    )
+
+
+async def _run(eng: ChatEngine, tokens: list[int], params: SamplingParams) -> tuple[list[str], Finished]:
+    text: list[str] = []
+    async for ev in eng.start_completion(tokens, params):
+        if isinstance(ev, TextChunk):
+            text.append(ev.text)
+        else:
+            return text, ev
+    raise AssertionError("no Finished event")
+
+
+def run(eng: ChatEngine, tokens: list[int], max_tokens: int = 8) -> tuple[str, Finished]:
+    text, fin = asyncio.run(_run(eng, tokens, greedy(max_tokens)))
+    assert fin.reason == "length", fin
+    return "".join(text), fin
+
+
+def kv_matches_slots(eng: ChatEngine) -> None:
+    """Every slot's token record is what its KV sequence holds (positions 0..n-1)."""
+    mem = eng.ctx.memory
+    for s in eng.scheduler.slots:
+        assert llama_cpp.llama_memory_seq_pos_max(mem, s.seq_id) == len(s.cached) - 1, s.seq_id
+
+
+# --- the cache's own bookkeeping (no weights) -----------------------------------------------
+def test_cache_keeps_longest_prefix_and_drops_what_a_new_entry_extends() -> None:
+    c = PromptCache(limit_bytes=10_000)
+    state = np.zeros(1000, dtype=np.uint8)
+    assert c.put([1, 2, 3], state)
+    assert c.covers([1, 2]) and c.covers([1, 2, 3]) and not c.covers([1, 2, 4])
+    assert c.put([1, 2, 3, 4, 5], state.copy())  # extends [1, 2, 3]: that one goes
+    assert len(c) == 1 and c.entries()[0].tokens.tolist() == [1, 2, 3, 4, 5]
+    assert c.put([7, 8], state.copy())
+    found = c.best([1, 2, 3, 9])
+    assert found is not None and found[1] == 3 and found[0].tokens.tolist()[:3] == [1, 2, 3]
+    assert c.best([6]) is None
+    c.used(found[0], 3)  # only part of it restored: it stays, now the most recently used
+    assert len(c) == 2 and c.entries()[-1] is found[0]
+    c.used(found[0], 5)  # the slot holds all of it now
+    assert len(c) == 1 and c.hits == 2 and c.restored_tokens == 8
+
+
+def test_cache_evicts_least_recently_used_within_its_bound() -> None:
+    c = PromptCache(limit_bytes=3 * 1100)
+    for i in range(5):
+        assert c.put([i, i], np.zeros(1000, dtype=np.uint8))
+        assert c.bytes <= c.limit_bytes
+    assert [e.tokens[0] for e in c.entries()] == [2, 3, 4] and c.evictions == 2
+    found = c.best([2, 2, 9])
+    assert found is not None
+    c.used(found[0], 1)  # [2, 2] is now the most recently used: [3, 3] goes next
+    c.put([5, 5], np.zeros(1000, dtype=np.uint8))
+    assert [e.tokens[0] for e in c.entries()] == [4, 2, 5]
+    assert not c.put([9], np.zeros(4000, dtype=np.uint8))  # alone over the bound: not kept
+    assert len(c) == 3
+
+
+# --- llama.cpp's sequence state, saved and restored -----------------------------------------
+def test_restored_state_gives_the_logits_of_a_fresh_prefill(model: LlamaModel) -> None:
+    ctx = LlamaContext(
+        model,
+        ContextParams(n_ctx=3 * 512, n_batch=512, n_ubatch=512, n_seq_max=3, n_threads=2, n_threads_batch=2),
+    )
+    batch = Batch(512, 1)
+    try:
+        tokens = model.tokenize(passage(1), add_special=True)
+        assert 100 < len(tokens) < 500
+
+        def decode(seq: int, toks: list[int], start: int) -> np.ndarray:
+            batch.clear()
+            for i, t in enumerate(toks):
+                batch.add(t, start + i, seq, i == len(toks) - 1)
+            ctx.decode(batch)
+            return ctx.logits(batch.n_tokens - 1).copy()
+
+        fresh = decode(0, tokens, 0)  # the whole prompt in one go
+        decode(1, tokens[:-1], 0)
+        saved = ctx.seq_state(1)
+        stepwise = decode(1, tokens[-1:], len(tokens) - 1)  # the same split, without a restore
+        ctx.seq_rm(1)
+        assert llama_cpp.llama_memory_seq_pos_max(ctx.memory, 1) == -1
+        assert ctx.set_seq_state(2, saved)  # into another sequence, as the scheduler does
+        assert llama_cpp.llama_memory_seq_pos_max(ctx.memory, 2) == len(tokens) - 2
+        restored = decode(2, tokens[-1:], len(tokens) - 1)
+        # exactly the logits of a fresh prefill split the same way (the scheduler's reuse of
+        # its own slot splits prompts like this too)
+        np.testing.assert_array_equal(restored, stepwise)
+        # a one-go prefill rounds differently in llama.cpp (batch-size-dependent kernels),
+        # but picks the same next token
+        assert int(restored.argmax()) == int(fresh.argmax())
+        assert not ctx.set_seq_state(1, saved[: len(saved) // 2])  # a torn state is refused
+        assert llama_cpp.llama_memory_seq_pos_max(ctx.memory, 1) == -1
+    finally:
+        batch.free()
+        ctx.close()
+
+
+# --- slot choice ------------------------------------------------------------------------------
+def test_distinct_long_prompts_take_empty_slots_and_keep_their_caches(
+    model: LlamaModel, make_engine: list[ChatEngine]
+) -> None:
+    eng = engine(model, parallel=4, cache_mib=0)  # slot choice alone, no prompt cache
+    make_engine.append(eng)
+    prompts = [prompt(eng, i) for i in range(4)]
+    for p in prompts:
+        _, fin = run(eng, p)
+        # only the template and system line are shared with any earlier prompt
+        assert fin.cached_tokens < 0.1 * len(p)
+    slots = eng.scheduler.slots
+    for p in prompts:  # one conversation per slot: none overwrote another
+        assert sum(1 for s in slots if s.cached[: len(p)] == p) == 1
+    for i in range(4):
+        follow = prompt(eng, i, "Which words repeat?")
+        _, fin = run(eng, follow)
+        assert fin.cached_tokens >= len(prompts[i]) - 16  # all but the question
+    kv_matches_slots(eng)
+
+
+def test_similar_prompt_reuses_its_slot_and_lru_takes_the_oldest(
+    model: LlamaModel, make_engine: list[ChatEngine]
+) -> None:
+    eng = engine(model, parallel=2, cache_mib=0)
+    make_engine.append(eng)
+    a, b, c = (prompt(eng, i) for i in (10, 11, 12))
+    run(eng, a)
+    run(eng, b)
+    slot_of = {id(s): s for s in eng.scheduler.slots}
+    sa = next(s for s in slot_of.values() if s.cached[: len(a)] == a)
+    run(eng, c)  # shares only the template: the least recently used slot (a's) is taken
+    assert sa.cached[: len(c)] == c
+    _, fin = run(eng, prompt(eng, 11, "Another question?"))  # mostly b: b's slot, by similarity
+    assert fin.cached_tokens >= len(b) - 16
+
+
+# --- the prompt cache ---------------------------------------------------------------------------
+def test_conversations_outnumbering_slots_restore_from_the_cache(
+    model: LlamaModel, make_engine: list[ChatEngine]
+) -> None:
+    eng = engine(model, parallel=2, cache_mib=256)
+    # The reference keeps every conversation in a slot of its own: no prompt cache needed.
+    ref = engine(model, parallel=5, cache_mib=0)
+    make_engine += [eng, ref]
+    ids = range(20, 25)
+    firsts = [raw_prompt(eng, i, "What is it about?") for i in ids]
+    # nothing shared, so both engines prefill every prompt from its first token alike
+    assert all(a[0] != b[0] for a in firsts for b in firsts if a is not b)
+    for p in firsts:
+        run(eng, p)
+        run(ref, p)
+    cache = eng.scheduler.prompt_cache
+    assert cache is not None and cache.saves >= 3 and cache.bytes <= cache.limit_bytes
+    for i, p in zip(ids, firsts, strict=True):  # round robin: each follow-up's slot was overwritten since
+        follow = raw_prompt(eng, i, "Name two words from it.")
+        text, fin = run(eng, follow, max_tokens=12)
+        assert fin.cached_tokens >= len(p) - 16, (i, fin.cached_tokens, len(p))
+        ref_text, ref_fin = run(ref, follow, max_tokens=12)
+        # the restored prefix continues exactly as the one that never left its slot
+        assert ref_fin.cached_tokens == fin.cached_tokens and text == ref_text
+    assert cache.hits >= 3 and cache.restored_tokens >= 3 * 300
+    kv_matches_slots(eng)
+
+
+def test_multi_turn_with_the_answer_appended_hits_the_cache(
+    model: LlamaModel, make_engine: list[ChatEngine]
+) -> None:
+    eng = engine(model, parallel=1, cache_mib=256)
+    make_engine.append(eng)
+    first = prompt(eng, 30)
+    answer, _ = run(eng, first, max_tokens=16)
+    run(eng, prompt(eng, 31))  # another user takes the only slot
+    turn2 = eng.tokenize_prompt(
+        prompt_text(30) + answer + "<|im_end|>\n<|im_start|>user\nAnd the last word?<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    _, fin = run(eng, turn2)
+    assert fin.cached_tokens >= len(first)  # the passage, the question and what matches of the answer
+    cache = eng.scheduler.prompt_cache
+    assert cache is not None and cache.hits == 1
+
+
+def test_cache_stays_within_its_byte_bound(model: LlamaModel, make_engine: list[ChatEngine]) -> None:
+    eng = engine(model, parallel=1, cache_mib=24)
+    make_engine.append(eng)
+    cache = eng.scheduler.prompt_cache
+    assert cache is not None
+    prompts = [prompt(eng, 40 + i) for i in range(8)]
+    for i, p in enumerate(prompts):
+        run(eng, p)
+        assert cache.bytes <= cache.limit_bytes == 24 * 1024 * 1024
+        if i > 0:  # the previous prompt was saved when this one took the only slot
+            assert cache.entries()[-1].tokens.tolist()[: len(prompts[i - 1])] == prompts[i - 1]
+    # ~340 tokens x 23 KiB of f16 KV each: three fit, the oldest went
+    assert cache.saves == 7 and cache.evictions >= 1 and len(cache) >= 2
+    assert cache.bytes == sum(e.nbytes for e in cache.entries())
+    assert eng.stats()["prompt_cache_bytes"] == cache.bytes
+    found = cache.best(prompts[0])
+    assert found is None or found[1] < len(prompts[0]) // 2  # the oldest is gone
+
+
+def test_restore_racing_a_cancel_leaves_slots_and_cache_consistent(
+    model: LlamaModel, make_engine: list[ChatEngine]
+) -> None:
+    eng = engine(model, parallel=1, cache_mib=256)
+    ref = engine(model, parallel=1, cache_mib=0)
+    make_engine += [eng, ref]
+    a, b = raw_prompt(eng, 50, "What is it about?"), raw_prompt(eng, 51, "What is it about?")
+    assert a[0] != b[0]
+    run(eng, a)
+    run(ref, a)
+    run(eng, b)  # a is in the cache now, b in the slot
+    a2 = raw_prompt(eng, 50, "Is it long?")
+    b2 = raw_prompt(eng, 51, "Is it short?")
+
+    async def cancel_soon(tokens: list[int], delay: float) -> None:
+        gen = eng.start_completion(tokens, greedy(32))
+        await asyncio.sleep(delay)
+        gen.cancel()  # before, while or after the scheduler restores its prefix
+
+    async def storm() -> None:
+        for k in range(12):
+            x, y = (a2, b2) if k % 2 else (b2, a2)
+            await asyncio.gather(cancel_soon(x, 0.0), cancel_soon(y, 0.003 * k))
+        while not eng.idle():
+            await asyncio.sleep(0.01)
+
+    asyncio.run(storm())
+    kv_matches_slots(eng)
+    cache = eng.scheduler.prompt_cache
+    assert cache is not None and cache.bytes <= cache.limit_bytes
+    # A new question on a's passage: whatever the storm left in the slot and the cache, the
+    # passage's KV is the one a's first prefill computed, as in a reference that kept it.
+    a3 = raw_prompt(eng, 50, "Name one word.")
+    text, fin = run(eng, a3, max_tokens=12)
+    ref_text, ref_fin = run(ref, a3, max_tokens=12)
+    assert fin.cached_tokens >= len(a) - 16 and fin.cached_tokens == ref_fin.cached_tokens
+    assert text == ref_text
+    kv_matches_slots(eng)
