@@ -142,6 +142,26 @@ def _embedding_eos(vocab: Vocab) -> None:
     special.add_special_token["eos"] = True
 
 
+class _CardDir(type(Path())):  # type: ignore[misc]
+    """A checkpoint folder whose name reads with "." where ModelScope's cache wrote "___"
+    (Qwen3-Embedding-0___6B), so gguf-py's name heuristics see the model's real name."""
+
+    @property
+    def name(self) -> str:
+        return super().name.replace("___", ".")
+
+
+def general_metadata(model_dir: Path, name: str | None, n_params: int) -> gguf.Metadata:
+    """general.* as llama.cpp's converter fills them (prepare_metadata): gguf-py's model-card
+    and folder-name heuristics, the size label, and general.sampling.* from generation_config.json."""
+    meta = gguf.Metadata.load(None, _CardDir(model_dir), name, n_params)
+    if meta.name is None:
+        meta.name = model_dir.name.replace("___", ".")
+    if meta.size_label is None and n_params > 0:
+        meta.size_label = gguf.size_label(n_params, n_params, 0, 0)
+    return meta
+
+
 def convert_checkpoint(
     model_dir: Path,
     dst: Path,
@@ -169,9 +189,11 @@ def convert_checkpoint(
             _embedding_eos(vocab)
     plans = plan_tensors(ckpt, spec, config, role, vocab, qtype)
 
+    meta = general_metadata(model_dir, name, sum(int(np.prod(p.shape)) for p in plans))
+
     def write_kv(w: gguf.GGUFWriter) -> None:
         w.add_type(gguf.GGUFType.MODEL)
-        w.add_name(name or model_dir.name)
+        meta.set_gguf_meta_model(w)
         _common_hparams(w, config)
         if spec.extra_hparams is not None:
             spec.extra_hparams(w, config)

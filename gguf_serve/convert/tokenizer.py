@@ -108,6 +108,21 @@ def pre_tokenizer_name(model_dir: Path, tok: Tokenizer, tok_json: dict[str, Any]
     return name
 
 
+def _byte_level_post_processor(special: gguf.SpecialVocab, tok_json: dict[str, Any]) -> None:
+    """A ByteLevel post-processor adds no BOS/EOS: say so explicitly, as llama.cpp's gguf-py
+    does (tokenizer.ggml.add_eos_token = false for Qwen3 chat and reranker tokenizers)."""
+    post = tok_json.get("post_processor") or {}
+    kinds = {proc.get("type") for proc in post.get("processors", [post])}
+    if "ByteLevel" not in kinds:
+        return
+    # llama.cpp reads the post-processor before tokenizer_config.json and lets it win; a
+    # template processor beside it (Llama 3) decides what it names.
+    alone = not kinds & {"TemplateProcessing", "RobertaProcessing"}
+    for typ in ("bos", "eos"):
+        if alone or typ not in special.add_special_token:
+            special.add_special_token[typ] = False
+
+
 def load_vocab(model_dir: Path, vocab_size: int | None) -> Vocab:
     """Read tokenizer.json (+ tokenizer_config.json) into the tokens llama.cpp expects."""
     path = model_dir / "tokenizer.json"
@@ -170,6 +185,7 @@ def load_vocab(model_dir: Path, vocab_size: int | None) -> Vocab:
         special = gguf.SpecialVocab(model_dir, load_merges=True)
         if not special.merges:
             raise ConvertError(f"{path}: byte-level BPE tokenizer without merges")
+        _byte_level_post_processor(special, tok_json)
     return Vocab(model=model, pre=pre, tokens=tokens, toktypes=toktypes, special=special)
 
 
