@@ -11,6 +11,7 @@ from typing import Annotated
 
 import typer
 
+from gguf_serve.console import fail
 from gguf_serve.convert.commands import register as register_convert_commands
 from gguf_serve.settings import Settings, SettingsError, load_settings
 
@@ -24,12 +25,6 @@ app = typer.Typer(
 ProfileOpt = Annotated[
     str | None, typer.Option("--profile", "-p", help="demo | cpu | cuda | path/to/profile.toml", envvar=None)
 ]
-
-
-def fail(message: str, code: int = 2) -> typer.Exit:
-    """One line on stderr, no traceback."""
-    typer.echo(f"gguf-serve: error: {message}", err=True)
-    return typer.Exit(code)
 
 
 def _settings(profile: str | None, **overrides: object) -> Settings:
@@ -86,14 +81,10 @@ def serve(
         raise fail(f"llama.cpp cannot start on this machine: {e}") from None
     logging.getLogger("gguf_serve").info("llama.cpp backend: %s", runtime.summary())
     try:
-        keys = settings.all_api_keys()
+        settings.all_api_keys()  # an unreadable api_key_file is a start-up error
         registry = ModelRegistry(settings, resolve_model_files(settings))
     except (SettingsError, ModelLoadError) as e:
         raise fail(str(e)) from None
-    if settings.host not in ("127.0.0.1", "localhost", "::1") and not keys:
-        logging.getLogger("gguf_serve").warning(
-            "serving on %s without API keys: anyone who can reach this port can use the models", settings.host
-        )
     exit_code = 0
     server: uvicorn.Server | None = None
 

@@ -53,11 +53,6 @@ def test_thinking_switch_and_tools_render() -> None:
     assert not t.render(msgs[:1]).rstrip().endswith("</think>")
 
 
-def test_template_that_opens_think() -> None:
-    t = ChatTemplate("{% for m in messages %}{{ m.content }}{% endfor %}<|im_start|>assistant\n<think>\n")
-    assert t.opens_think_in_prompt
-
-
 def test_raise_exception_becomes_a_400() -> None:
     t = ChatTemplate("{{ raise_exception('Conversation roles must alternate') }}")
     with pytest.raises(InvalidRequest, match="roles must alternate"):

@@ -30,12 +30,13 @@ ERROR_TYPES = {
 
 
 def error_body(
-    status: int, message: str, param: str | None = None, code: str | None = None
+    status: int, message: str, param: str | None = None, code: str | None = None, type_: str | None = None
 ) -> dict[str, Any]:
+    """The one OpenAI error body; `type_` None: the type OpenAI gives this status."""
     return {
         "error": {
             "message": message,
-            "type": ERROR_TYPES.get(status, "server_error"),
+            "type": type_ or ERROR_TYPES.get(status, "server_error"),
             "param": param,
             "code": code,
         }
@@ -52,7 +53,7 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
+def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None, "invalid_request"
@@ -78,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param, code = describe_validation(exc)
+        message, param, code = _describe_validation(exc)
         return error_response(400, message, param, code)
 
     @app.exception_handler(StarletteHTTPException)

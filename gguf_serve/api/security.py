@@ -17,6 +17,7 @@ from fastapi import FastAPI
 from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gguf_serve.api.errors import error_body
 from gguf_serve.settings import Settings
 
 log = logging.getLogger("gguf_serve.security")
@@ -27,8 +28,8 @@ OPEN_PATHS = frozenset({"/health", "/ready"})
 METRICS_PATHS = frozenset({"/metrics", "/stats"})
 
 
-def openai_error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    return json.dumps({"error": {"message": message, "type": type_, "param": param, "code": code}}).encode()
+def openai_error_body(status: int, message: str, code: str | None, type_: str | None = None) -> bytes:
+    return json.dumps(error_body(status, message, None, code, type_)).encode()
 
 
 async def send_json_error(
@@ -145,18 +146,19 @@ class SecurityMiddleware:
             return
         if missing:
             body = openai_error_body(
+                401,
                 "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
-                "invalid_request_error",
                 "invalid_api_key",
+                "invalid_request_error",  # as OpenAI answers a missing key
             )
         else:
-            body = openai_error_body("Incorrect API key provided.", "authentication_error", "invalid_api_key")
+            body = openai_error_body(401, "Incorrect API key provided.", "invalid_api_key")
         await send_json_error(send, 401, body, [(b"www-authenticate", b'Bearer realm="gguf-serve"')])
 
     async def _too_large(self, send: Send) -> None:
         body = openai_error_body(
+            413,
             f"Request body too large: the limit is {self.max_body_bytes} bytes (limits.max_body_bytes).",
-            "invalid_request_error",
             "request_too_large",
         )
         # The unread rest of the body would be parsed as the next request: close the connection.
@@ -169,7 +171,7 @@ class SecurityMiddleware:
                 try:
                     declared = int(value)
                 except ValueError:
-                    body = openai_error_body("Invalid Content-Length header.", "invalid_request_error", None)
+                    body = openai_error_body(400, "Invalid Content-Length header.", None)
                     await send_json_error(send, 400, body, [(b"connection", b"close")])
                     return
                 if declared > limit:

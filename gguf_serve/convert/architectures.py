@@ -18,19 +18,14 @@ import gguf
 import numpy as np
 
 from gguf_serve.convert.errors import ConvertError
+from gguf_serve.engine.qwen3_prompts import rerank_template
+from gguf_serve.settings import Role
 
-Role = Literal["chat", "embedding", "rerank"]
 HParams = dict[str, Any]
 Array = np.ndarray[Any, Any]
 
 # The Qwen3-Reranker prompt, stored as the named chat template "rerank" (as llama.cpp does).
-QWEN3_RERANK_TEMPLATE = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the Instruct "
-    'provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-    "<|im_start|>user\n<Instruct>: Given a web search query, retrieve relevant passages that answer the query\n"
-    "<Query>: {query}\n<Document>: {document}<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-)
+QWEN3_RERANK_TEMPLATE = rerank_template()
 
 
 def find_hparam(hp: HParams, keys: tuple[str, ...]) -> Any:

@@ -9,12 +9,8 @@ from typing import Annotated, Any
 
 import typer
 
+from gguf_serve.console import fail
 from gguf_serve.convert.errors import ConvertError
-
-
-def _fail(message: str) -> typer.Exit:
-    typer.echo(f"gguf-serve: error: {message}", err=True)
-    return typer.Exit(2)
 
 
 def _default_models_dir() -> Path:
@@ -100,9 +96,9 @@ def convert(
                 )
             )
     except ConvertError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     except KeyboardInterrupt:
-        raise _fail("interrupted; no partial file was left behind") from None
+        raise fail("interrupted; no partial file was left behind") from None
     table = Table(title="gguf-serve convert")
     for col in ("model", "role", "file", "size", "status", "verified"):
         table.add_column(col)

@@ -69,9 +69,3 @@ class ChatTemplate:
             raise
         except jinja2.TemplateError as e:
             raise InvalidRequest(f"chat template failed on these messages: {e}", "messages") from e
-
-    @property
-    def opens_think_in_prompt(self) -> bool:
-        """Thinking-2507-style templates end the generation prompt with '<think>\\n'."""
-        probe = self.render([{"role": "user", "content": "x"}], add_generation_prompt=True)
-        return probe.rstrip().endswith("<think>")
