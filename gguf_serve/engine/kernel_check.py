@@ -30,11 +30,12 @@ import numpy.typing as npt
 from gguf_serve.engine.llama_backend import init_backend
 from gguf_serve.engine.llama_runtime import Batch, ContextParams, LlamaContext, LlamaModel, usable_cpus
 
-# Measured for repack vs plain (Q4_0, AVX-512: mean cosine 0.9997, same argmax at 99% of positions;
-# AVX2: 0.9998, 99% over a long prompt, 93% over a 4-sequence batch); broken paths give cosine ~0 or NaN.
-MIN_MEAN_COSINE = 0.995
-MIN_COSINE = 0.95
-MIN_ARGMAX_AGREEMENT = 0.85
+# Repack vs plain, measured: AVX-512 Q4_0 mean cosine 0.9997, same argmax 99%; AVX2 (EPYC) Q4_0 0.9998
+# (min 0.986, argmax 93% over the 4-sequence batch), Q4_K_M 0.9992 (min 0.968, argmax 97%). Broken paths
+# give cosine near 0 or NaN, so the bounds sit well below the first and far above the second.
+MIN_MEAN_COSINE = 0.99
+MIN_COSINE = 0.90
+MIN_ARGMAX_AGREEMENT = 0.80
 
 LONG_PROMPT_TOKENS = 700
 N_SEQUENCES = 4
@@ -111,6 +112,19 @@ def _compare(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> tuple[fl
     return float(cos.mean()), float(cos.min()), agree
 
 
+def passes(mean_cosine: float, min_cosine: float, argmax_agreement: float) -> bool:
+    return (
+        mean_cosine >= MIN_MEAN_COSINE
+        and min_cosine >= MIN_COSINE
+        and argmax_agreement >= MIN_ARGMAX_AGREEMENT
+    )
+
+
+def compare_logits(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> tuple[float, float, float]:
+    """(mean cosine, min cosine, argmax agreement) over positions (rows); NaN/inf anywhere: all 0."""
+    return _compare(a, b)
+
+
 def check_file(path: Path) -> KernelCheckResult:
     info = init_backend()
     under_test = LlamaModel(path)  # the path the server takes on this machine
@@ -129,7 +143,7 @@ def check_file(path: Path) -> KernelCheckResult:
     mean = min(r[0] for r in results)
     low = min(r[1] for r in results)
     agree = min(r[2] for r in results)
-    ok = mean >= MIN_MEAN_COSINE and low >= MIN_COSINE and agree >= MIN_ARGMAX_AGREEMENT
+    ok = passes(mean, low, agree)
     return KernelCheckResult(
         file=str(path),
         weight_type=weight_type,

@@ -205,14 +205,31 @@ def _module_features(lib: ctypes.CDLL, module: ctypes.CDLL) -> dict[str, str]:
     return out
 
 
-def choose_cpu_variant(variants: list[Path], allow_amx: bool) -> tuple[Path, int]:
-    """The best-scoring variant this CPU can run, skipping AMX ones unless allowed.
+@dataclass(frozen=True)
+class VariantCandidate:
+    path: Path
+    score: int  # ggml_backend_score(): the module's own check of this CPU; 0 = cannot run here
+    has_amx: bool
 
-    ggml_backend_score() is each module's own check of the host CPU (0: cannot run here);
-    llama.cpp's loader takes the maximum, and so do we, minus AMX.
-    """
+
+def pick_variant(candidates: list[VariantCandidate], allow_amx: bool) -> VariantCandidate:
+    """llama.cpp's rule (the highest score this CPU runs), minus AMX variants unless allowed."""
+    runnable = sorted((c for c in candidates if c.score > 0), key=lambda c: c.score, reverse=True)
+    for c in runnable:
+        if c.has_amx and not allow_amx:
+            log.info(
+                "skipping CPU variant %s: its AMX kernels are not trusted (allow_amx = false)", c.path.name
+            )
+            continue
+        return c
+    names = ", ".join(c.path.name for c in candidates) or "none"
+    raise RuntimeError(f"no ggml CPU variant runs on this CPU (found: {names})")
+
+
+def choose_cpu_variant(variants: list[Path], allow_amx: bool) -> tuple[Path, int]:
+    """Score each variant module as ggml_backend_load_best does, then pick_variant."""
     lib = _libggml()
-    scored: list[tuple[int, Path, ctypes.CDLL]] = []
+    candidates: list[VariantCandidate] = []
     for path in variants:
         try:
             module = ctypes.CDLL(str(path), mode=ctypes.RTLD_LOCAL)
@@ -221,19 +238,10 @@ def choose_cpu_variant(variants: list[Path], allow_amx: bool) -> tuple[Path, int
             continue
         module.ggml_backend_score.restype = ctypes.c_int
         score = int(module.ggml_backend_score())
-        if score > 0:
-            scored.append((score, path, module))
-    for score, path, module in sorted(scored, key=lambda s: s[0], reverse=True):
-        if not allow_amx and _module_features(lib, module).get("AMX_INT8") == "1":
-            log.info(
-                "skipping CPU variant %s: its AMX kernels are not trusted (allow_amx = false)", path.name
-            )
-            continue
-        return path, score
-    raise RuntimeError(
-        f"no ggml CPU variant in {variants[0].parent if variants else '?'} runs on this CPU "
-        f"({', '.join(p.name for p in variants)})"
-    )
+        has_amx = score > 0 and _module_features(lib, module).get("AMX_INT8") == "1"
+        candidates.append(VariantCandidate(path, score, has_amx))
+    chosen = pick_variant(candidates, allow_amx)
+    return chosen.path, chosen.score
 
 
 def _load_portable(lib_dir: Path, allow_amx: bool) -> str:
@@ -271,30 +279,30 @@ def _devices() -> list[DeviceInfo]:
     return out
 
 
+def amx_policy(amx_built: bool, amx_host: bool, allow_amx: bool) -> tuple[bool, str]:
+    """(extra buffer types on?, what to say about AMX) for this build on this CPU."""
+    if not amx_built:
+        return True, "off (not built)" if amx_host else "off (CPU has no AMX)"
+    if not amx_host:
+        return True, "off (CPU has no AMX)"
+    if allow_amx:
+        return True, "on (allow_amx = true)"
+    # A llama.cpp with AMX kernels on an AMX CPU: extra buffer types off keeps weights on the plain
+    # path. Costs the repack speed-up; `make install` builds without AMX and keeps it.
+    log.warning(
+        "this llama.cpp build has AMX kernels, which crash or compute wrong results on quantized "
+        "weights; loading weights without extra buffer types (no AMX, no repack). "
+        "Rebuild with `make install` (AMX off) or set allow_amx = true to override."
+    )
+    return False, "off (this build has AMX kernels: extra buffer types disabled)"
+
+
 def _decide(
     build: str, variant: str, allow_amx: bool, cpu_model: str, cpu_features: list[str]
 ) -> BackendInfo:
     ggml = parse_system_info(llama.llama_print_system_info().decode("utf-8", "replace"))
     cpu = ggml.get("CPU", {})
-    amx_built = cpu.get("AMX_INT8") == "1"
-    amx_host = "amx_int8" in cpu_features
-    extra = True
-    if not amx_built:
-        amx = "off (not built)" if amx_host else "off (CPU has no AMX)"
-    elif not amx_host:
-        amx = "off (CPU has no AMX)"
-    elif allow_amx:
-        amx = "on (allow_amx = true)"
-    else:
-        # A llama.cpp with AMX kernels on an AMX CPU: extra buffer types off keeps weights on the
-        # plain path. Costs the repack speed-up; `make install` builds without AMX and keeps it.
-        extra = False
-        amx = "off (this build has AMX kernels: extra buffer types disabled)"
-        log.warning(
-            "this llama.cpp build has AMX kernels, which crash or compute wrong results on quantized "
-            "weights; loading weights without extra buffer types (no AMX, no repack). "
-            "Rebuild with `make install` (AMX off) or set allow_amx = true to override."
-        )
+    extra, amx = amx_policy(cpu.get("AMX_INT8") == "1", "amx_int8" in cpu_features, allow_amx)
     return BackendInfo(
         build=build,
         cpu_model=cpu_model,
