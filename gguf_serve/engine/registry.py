@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
+from gguf_serve.engine.model_defaults import with_model_sampling
 from gguf_serve.engine.requests import InvalidRequest, ModelNotFound, NotReady
 from gguf_serve.settings import ModelSettings, Role, Settings
 
@@ -176,7 +177,8 @@ class ModelRegistry:
     def _build(self, ms: ModelSettings) -> LoadedModel:
         if ms.same_weights_as:
             base = self._shared(ms.same_weights_as)
-            return LoadedModel(ms, base.engine, base.llama_model, base.path)
+            meta = base.llama_model.meta if base.llama_model is not None else lambda key: None
+            return LoadedModel(with_model_sampling(ms, meta), base.engine, base.llama_model, base.path)
         limits = self.settings.limits
         if ms.role == "rerank" and ms.scorer == "embedding":
             from gguf_serve.engine.reranker import make_reranker
@@ -214,7 +216,7 @@ class ModelRegistry:
             model.n_layer,
             model.size_bytes / 2**20,
         )
-        return LoadedModel(ms, engine, model, path)
+        return LoadedModel(with_model_sampling(ms, model.meta), engine, model, path)
 
     def _embedder_for(self, mid: str) -> Any:
         loaded = self._shared(mid)
@@ -232,10 +234,11 @@ class ModelRegistry:
             if loaded is None:
                 return
             e.state = LoadState.UNLOADED
-            if owns_engine(loaded.settings):
-                loaded.engine.close()
-                if loaded.llama_model is not None:
-                    loaded.llama_model.close()
+            # An engine whose thread is stuck in llama.cpp frees nothing (close() is False):
+            # neither may its weights be freed under it.
+            freed = owns_engine(loaded.settings) and loaded.engine.close() is not False
+            if freed and loaded.llama_model is not None:
+                loaded.llama_model.close()
         log.info("model %s unloaded", mid)
 
     def unload_idle(self) -> None:
