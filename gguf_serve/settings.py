@@ -102,6 +102,9 @@ class ModelSettings(BaseModel):
     convert_from: str | None = None
     convert_quant: str = "F16"
     aliases: list[str] = Field(default_factory=list)
+    # Former ids: they still resolve, but /v1/models does not list them (clients that guess a
+    # model's role from its id, as RAGFlow's discovery does, see only the current names).
+    hidden_aliases: list[str] = Field(default_factory=list)
 
     n_ctx: int = Field(4096, ge=0, description="0: the model's training context")
     n_gpu_layers: int | Literal["auto"] = 0
@@ -209,6 +212,12 @@ class ModelSettings(BaseModel):
 
     @property
     def names(self) -> list[str]:
+        """Every name that resolves to this model."""
+        return [self.id, *self.aliases, *self.hidden_aliases]
+
+    @property
+    def listed_names(self) -> list[str]:
+        """The names /v1/models lists."""
         return [self.id, *self.aliases]
 
 
@@ -224,6 +233,16 @@ class Limits(BaseModel):
     max_tokens_cap: int | None = Field(None, ge=1, description="upper bound on max_tokens; None: n_ctx")
     request_timeout_s: float = Field(600.0, gt=0)
     max_queue: int = Field(64, ge=0, description="waiting requests per model beyond busy slots")
+
+
+class TEISettings(BaseModel):
+    """Which models answer Hugging Face text-embeddings-inference's routes (/embed, /rerank
+    with `texts`, /info), which carry no model name. None: the profile's first of the role."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    embedding_model: str | None = None
+    rerank_model: str | None = None
 
 
 class Settings(BaseSettings):
@@ -255,6 +274,7 @@ class Settings(BaseSettings):
     shutdown_grace_s: float = Field(30.0, ge=0)
 
     limits: Limits = Field(default_factory=lambda: Limits())
+    tei: TEISettings = Field(default_factory=lambda: TEISettings())
     models: list[ModelSettings] = Field(default_factory=list)
 
     @field_validator("api_keys", "cors_origins", mode="before")
@@ -280,6 +300,10 @@ class Settings(BaseSettings):
             for ref, what in ((m.same_weights_as, "same_weights_as"), (m.embedding_model, "embedding_model")):
                 if ref and ref not in ids:
                     raise ValueError(f"model {m.id!r}: {what} = {ref!r} names no model of this profile")
+        roles = {name: m.role for m in self.models for name in m.names}
+        for ref, role in ((self.tei.embedding_model, "embedding"), (self.tei.rerank_model, "rerank")):
+            if ref is not None and roles.get(ref) != role:
+                raise ValueError(f"tei.{role}_model = {ref!r} names no {role} model of this profile")
         return self
 
     @classmethod

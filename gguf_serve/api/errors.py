@@ -53,7 +53,7 @@ def error_response(
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
+def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, str]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None, "invalid_request"
@@ -79,7 +79,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        message, param, code = _describe_validation(exc)
+        message, param, code = describe_validation(exc)
         return error_response(400, message, param, code)
 
     @app.exception_handler(StarletteHTTPException)

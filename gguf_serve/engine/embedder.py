@@ -325,8 +325,11 @@ class Embedder(BatchedEngine):
         return ctx.seq_embedding(seq_id, self._n_out)
 
     # --- pre: text -> tokens ----------------------------------------------------------------
-    def prepare(self, body: list[int], param: str = "input") -> list[int]:
-        """Content tokens -> the model's sequence: BOS/EOS as the model wants, cut or refused."""
+    def prepare(
+        self, body: list[int], param: str = "input", truncate: bool | None = None, cut_left: bool = False
+    ) -> list[int]:
+        """Content tokens -> the model's sequence: BOS/EOS as the model wants, cut or refused.
+        `truncate` None: the model's setting; `cut_left` keeps the end of a long input."""
         m = self.model
         head: list[int] = []
         if m.add_bos and m.bos >= 0:
@@ -340,13 +343,14 @@ class Embedder(BatchedEngine):
             tail = [m.eos]
         room = self._limit - len(head) - len(tail)
         if len(body) > room:
-            if not self.settings.truncate:
+            if not (self.settings.truncate if truncate is None else truncate):
                 raise ContextOverflow(
                     f"Input has {len(body) + len(head) + len(tail)} tokens, more than this model's limit of "
                     f"{self._limit} tokens per input. Shorten the input (or enable truncate for this model).",
                     param,
                 )
-            body = body[: max(0, room)]
+            room = max(0, room)
+            body = body[len(body) - room :] if cut_left else body[:room]
         return head + body + tail
 
     def tokenize(self, text: str, instruction: str | None = None) -> list[int]:
@@ -365,7 +369,11 @@ class Embedder(BatchedEngine):
         return list(ids)
 
     def sequences(
-        self, inputs: Sequence[str | Sequence[int]], instruction: str | None = None
+        self,
+        inputs: Sequence[str | Sequence[int]],
+        instruction: str | None = None,
+        truncate: bool | None = None,
+        cut_left: bool = False,
     ) -> list[list[int]]:
         out: list[list[int]] = []
         for i, item in enumerate(inputs):
@@ -378,7 +386,7 @@ class Embedder(BatchedEngine):
                 if len(item) == 0:
                     raise InvalidRequest(f"{param} is an empty list of tokens", param)
                 body = self.check_ids(item, param)
-            out.append(self.prepare(body, param))
+            out.append(self.prepare(body, param, truncate, cut_left))
         return out
 
     # --- core + post ------------------------------------------------------------------------
@@ -388,8 +396,12 @@ class Embedder(BatchedEngine):
         *,
         instruction: str | None = None,
         dimensions: int | None = None,
+        normalize: bool | None = None,
+        truncate: bool | None = None,
+        cut_left: bool = False,
     ) -> EmbeddingResult:
-        """Vectors in input order. `instruction` applies to text inputs (Qwen3-Embedding queries)."""
+        """Vectors in input order. `instruction` applies to text inputs (Qwen3-Embedding queries);
+        `normalize` and `truncate` None: the model's settings."""
         if len(inputs) == 0:
             raise InvalidRequest("input is empty; send at least one string or token list", "input")
         if dimensions is not None and not 1 <= dimensions <= self._n_out:
@@ -398,13 +410,14 @@ class Embedder(BatchedEngine):
                 "dimensions",
             )
         if sum(len(x) for x in inputs) > 4096:  # long batches: tokenize off the event loop
-            seqs = await asyncio.to_thread(self.sequences, inputs, instruction)
+            seqs = await asyncio.to_thread(self.sequences, inputs, instruction, truncate, cut_left)
         else:
-            seqs = self.sequences(inputs, instruction)
+            seqs = self.sequences(inputs, instruction, truncate, cut_left)
         raw = await self.batcher.run(seqs)
+        unit = self.settings.normalize if normalize is None else normalize
         vectors: list[Vector] = []
         for v in raw:
             if dimensions is not None and dimensions < v.shape[0]:
                 v = v[:dimensions]
-            vectors.append(l2_normalize(v) if self.settings.normalize else v.astype(np.float32))
+            vectors.append(l2_normalize(v) if unit else v.astype(np.float32))
         return EmbeddingResult(vectors, sum(len(s) for s in seqs))

@@ -14,7 +14,7 @@ import asyncio
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -46,8 +46,10 @@ POSITIVE_LABELS = ("yes", "relevant", "true", "positive", "label_1", "1")
 
 @dataclass
 class RerankResult:
-    scores: list[float]
+    scores: list[float]  # relevance in [0, 1]
     prompt_tokens: int
+    # The scorer's own output before it becomes [0, 1]: a logit (head, causal) or a cosine.
+    raw_scores: list[float] = field(default_factory=list)
 
 
 class Reranker:
@@ -55,7 +57,10 @@ class Reranker:
 
     kind = "none"
 
-    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
+    async def score(
+        self, query: str, documents: list[str], instruction: str | None = None, truncate: bool | None = None
+    ) -> RerankResult:
+        """`truncate` None: the model's setting."""
         raise NotImplementedError
 
     def stats(self) -> dict[str, float]:
@@ -126,11 +131,11 @@ class _PairScorer(BatchedEngine, Reranker):
         bos = [m.bos] if m.add_bos and m.bos >= 0 else []
         return bos + q + eos + sep + d + eos
 
-    def _sequence(self, template: str | None, query: str, doc: str, i: int) -> list[int]:
+    def _sequence(self, template: str | None, query: str, doc: str, i: int, truncate: bool) -> list[int]:
         tokens = self._pair(template, query, doc)
         if len(tokens) <= self.limit:
             return tokens
-        if self.settings.truncate:
+        if truncate:
             doc_tokens = self.model.tokenize(doc, add_special=False, parse_special=False)
             keep = len(doc_tokens) - (len(tokens) - self.limit)
             for _ in range(4):  # re-tokenizing a cut text can shift a few tokens; retry shorter
@@ -146,23 +151,33 @@ class _PairScorer(BatchedEngine, Reranker):
             f"documents[{i}]",
         )
 
-    def _sequences(self, query: str, documents: list[str], instruction: str) -> list[list[int]]:
+    def _sequences(
+        self, query: str, documents: list[str], instruction: str, truncate: bool
+    ) -> list[list[int]]:
         template = self._template(instruction)
-        return [self._sequence(template, query, d, i) for i, d in enumerate(documents)]
+        return [self._sequence(template, query, d, i, truncate) for i, d in enumerate(documents)]
 
     def _to_score(self, out: Vector) -> float:
         raise NotImplementedError
 
-    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
+    def _to_raw(self, out: Vector) -> float:
+        """The relevance logit: log(p / (1 - p)) of the probability the head or LM gives."""
+        p = min(1.0 - 1e-12, max(1e-12, self._to_score(out)))
+        return math.log(p / (1.0 - p))
+
+    async def score(
+        self, query: str, documents: list[str], instruction: str | None = None, truncate: bool | None = None
+    ) -> RerankResult:
         check_request(query, documents)
         instr = instruction or self.settings.rerank_instruction
+        cut = self.settings.truncate if truncate is None else truncate
         if sum(len(d) for d in documents) > 4096:  # tokenizing 64 long documents: off the event loop
-            seqs = await asyncio.to_thread(self._sequences, query, documents, instr)
+            seqs = await asyncio.to_thread(self._sequences, query, documents, instr, cut)
         else:
-            seqs = self._sequences(query, documents, instr)
+            seqs = self._sequences(query, documents, instr, cut)
         outs = await self.batcher.run(seqs)
         scores = [min(1.0, max(0.0, self._to_score(o))) for o in outs]
-        return RerankResult(scores, sum(len(s) for s in seqs))
+        return RerankResult(scores, sum(len(s) for s in seqs), [self._to_raw(o) for o in outs])
 
 
 class HeadScorer(_PairScorer):
@@ -188,6 +203,9 @@ class HeadScorer(_PairScorer):
             return t.replace("{instruction}", instruction)
         # Converted Qwen3-Reranker templates carry the default instruction verbatim.
         return t.replace(DEFAULT_RERANK_INSTRUCTION, instruction) if DEFAULT_RERANK_INSTRUCTION in t else t
+
+    def _to_raw(self, out: Vector) -> float:
+        return float(out[0]) if self.n_out == 1 else super()._to_raw(out)
 
     def _to_score(self, out: Vector) -> float:
         if self.n_out == 1:
@@ -218,6 +236,9 @@ class CausalScorer(_PairScorer):
     def _template(self, instruction: str) -> str | None:
         return QWEN3_RERANK_PROMPT.replace("{instruction}", instruction)
 
+    def _to_raw(self, out: Vector) -> float:
+        return float(out[0]) - float(out[1])
+
     def _to_score(self, out: Vector) -> float:
         # softmax over (yes, no), as Qwen3-Reranker's model card computes it
         return 1.0 / (1.0 + math.exp(float(out[1]) - float(out[0])))
@@ -236,14 +257,16 @@ class EmbeddingScorer(Reranker):
     def n_ctx(self) -> int:
         return self.embedder.n_ctx
 
-    async def score(self, query: str, documents: list[str], instruction: str | None = None) -> RerankResult:
+    async def score(
+        self, query: str, documents: list[str], instruction: str | None = None, truncate: bool | None = None
+    ) -> RerankResult:
         check_request(query, documents)
         instr = instruction or self.embedder.query_instruction
         texts = [i for i, d in enumerate(documents) if d.strip()]  # empty documents score 0
         # Query and documents go to the batcher together, so they share decodes.
-        calls = [self.embedder.embed([query], instruction=instr)]
+        calls = [self.embedder.embed([query], instruction=instr, truncate=truncate)]
         if texts:
-            calls.append(self.embedder.embed([documents[i] for i in texts]))
+            calls.append(self.embedder.embed([documents[i] for i in texts], truncate=truncate))
         try:
             results = await asyncio.gather(*calls)
         except ContextOverflow as e:
@@ -252,10 +275,12 @@ class EmbeddingScorer(Reranker):
             ) from None
         qv = _unit(results[0].vectors[0])
         scores = [0.0] * len(documents)
+        cosines = [-1.0] * len(documents)
         doc_vectors = results[1].vectors if texts else []
         for i, v in zip(texts, doc_vectors, strict=True):
-            scores[i] = min(1.0, max(0.0, (float(np.dot(qv, _unit(v))) + 1.0) / 2.0))
-        return RerankResult(scores, sum(r.prompt_tokens for r in results))
+            cosines[i] = float(np.dot(qv, _unit(v)))
+            scores[i] = min(1.0, max(0.0, (cosines[i] + 1.0) / 2.0))
+        return RerankResult(scores, sum(r.prompt_tokens for r in results), cosines)
 
     def stats(self) -> dict[str, float]:
         return {}  # the embedder reports under its own id

@@ -16,7 +16,8 @@ import pytest
 
 pytestmark = pytest.mark.e2e
 
-EMBED = "all-minilm-l6-v2"
+EMBED = "all-minilm-l6-v2"  # the former id, still served as a hidden alias
+EMBED_ID = "all-minilm-l6-v2-embed"
 RERANK = "all-minilm-l6-v2-rerank"
 CHAT = "smollm2-135m-instruct"
 
@@ -233,10 +234,21 @@ def test_ragflow_rerank_64_documents(http: httpx.Client) -> None:
     assert res[0]["index"] == 63
 
 
-def test_models_lists_roles(http: httpx.Client) -> None:
-    models = {m["id"]: m for m in http.get("/v1/models").json()["data"]}
-    assert models[EMBED]["model_type"] == "embedding" and models[EMBED]["context_length"] == 512
+def test_models_lists_roles_in_profile_order(http: httpx.Client) -> None:
+    data = http.get("/v1/models").json()["data"]
+    # The profile's order (chat first), not the load order (embedder first).
+    assert [m["id"] for m in data] == [CHAT, EMBED_ID, RERANK]
+    models = {m["id"]: m for m in data}
+    assert models[EMBED_ID]["model_type"] == "embedding" and models[EMBED_ID]["context_length"] == 512
     assert models[RERANK]["model_type"] == "rerank" and models[RERANK]["scorer"] == "embedding"
+
+
+def test_former_embedder_id_still_resolves_but_is_not_listed(client: openai.OpenAI) -> None:
+    # EMBED (the old id) is a hidden alias of EMBED_ID: the same vectors, the name echoed back.
+    old = client.embeddings.create(model=EMBED, input=["alias"], encoding_format="float")
+    new = client.embeddings.create(model=EMBED_ID, input=["alias"], encoding_format="float")
+    assert old.model == EMBED and new.model == EMBED_ID
+    assert np.allclose(old.data[0].embedding, new.data[0].embedding)
 
 
 # --- bad input -----------------------------------------------------------------------------------

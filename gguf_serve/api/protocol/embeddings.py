@@ -26,39 +26,53 @@ class EmbeddingRequest(BaseModel):
     @field_validator("input", mode="before")
     @classmethod
     def _input_shape(cls, v: Any) -> Any:
-        # One clear message instead of one per union member; ints stay ints (bools are not tokens).
-        def is_tok(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        ok = (
-            isinstance(v, str)
-            or (isinstance(v, list) and all(isinstance(x, str) for x in v))
-            or (isinstance(v, list) and all(is_tok(x) for x in v))
-            or (isinstance(v, list) and all(isinstance(x, list) and all(is_tok(t) for t in x) for x in v))
-        )
-        if not ok:
-            raise ValueError(
-                "input must be a string, a list of strings, a list of token ids or a list of token-id lists"
-            )
-        return v
+        return check_input_shape(v, "input")
 
     def inputs(self, max_inputs: int) -> list[str] | list[list[int]]:
         """The input as a list of texts or a list of token lists, checked against the limits."""
-        raw = self.input
-        items: list[Any]
-        if isinstance(raw, str):
-            items = [raw]
-        elif raw and all(isinstance(x, int) for x in raw):
-            items = [raw]  # one list of token ids
-        else:
-            items = list(raw)
-        if not items:
-            raise InvalidRequest("input is an empty list; send at least one string or token list", "input")
-        if len(items) > max_inputs:
-            raise InvalidRequest(
-                f"input has {len(items)} items; this server takes at most {max_inputs} per request", "input"
-            )
-        return items
+        return input_list(self.input, max_inputs, "input")
+
+
+def check_input_shape(v: Any, name: str) -> Any:
+    """One clear message instead of one per union member; ints stay ints (bools are not tokens)."""
+
+    def is_tok(x: Any) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    ok = (
+        isinstance(v, str)
+        or (isinstance(v, list) and all(isinstance(x, str) for x in v))
+        or (isinstance(v, list) and all(is_tok(x) for x in v))
+        or (isinstance(v, list) and all(isinstance(x, list) and all(is_tok(t) for t in x) for x in v))
+    )
+    if not ok:
+        raise ValueError(
+            f"{name} must be a string, a list of strings, a list of token ids or a list of token-id lists"
+        )
+    return v
+
+
+class TooManyInputs(InvalidRequest):
+    code = "too_many_inputs"
+
+
+def input_list(
+    raw: str | list[str] | list[int] | list[list[int]], max_inputs: int, name: str
+) -> list[str] | list[list[int]]:
+    items: list[Any]
+    if isinstance(raw, str):
+        items = [raw]
+    elif raw and all(isinstance(x, int) for x in raw):
+        items = [raw]  # one list of token ids
+    else:
+        items = list(raw)
+    if not items:
+        raise InvalidRequest(f"{name} is an empty list; send at least one string or token list", name)
+    if len(items) > max_inputs:
+        raise TooManyInputs(
+            f"{name} has {len(items)} items; this server takes at most {max_inputs} per request", name
+        )
+    return items
 
 
 def encode_vector(v: npt.NDArray[np.float32], fmt: str | None) -> list[float] | str:

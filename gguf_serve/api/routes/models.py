@@ -18,7 +18,11 @@ _CREATED = int(time.time())
 @router.get("/models", include_in_schema=False)
 async def list_models(request: Request) -> dict[str, Any]:
     data = []
-    for ms, state, loaded in request.app.state.registry.entries():
+    # The profile's order, not the load order: `models.list().data[0]` is the first model
+    # the profile names (a chat model in the shipped ones), never an embedder loaded first.
+    order = {m.id: i for i, m in enumerate(request.app.state.settings.models)}
+    entries = sorted(request.app.state.registry.entries(), key=lambda e: order.get(e[0].id, len(order)))
+    for ms, state, loaded in entries:
         n_ctx = getattr(loaded.engine, "n_ctx", None) if loaded is not None else None
         info: dict[str, Any] = {
             "object": "model",
@@ -34,7 +38,7 @@ async def list_models(request: Request) -> dict[str, Any]:
         }
         if ms.role == "rerank":
             info["scorer"] = getattr(loaded.engine, "kind", ms.scorer) if loaded is not None else ms.scorer
-        for name in ms.names:
+        for name in ms.listed_names:
             data.append({"id": name, **info, **({"alias_of": ms.id} if name != ms.id else {})})
     return {"object": "list", "data": data}
 

@@ -1,4 +1,4 @@
-"""POST /v1/rerank, with the aliases Jina, Cohere and Xinference clients call."""
+"""POST /v1/rerank, with the aliases Jina, Cohere and Xinference clients call (/rerank: routes/tei.py)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,6 @@ router = APIRouter()
 
 
 @router.post("/v1/rerank")
-@router.post("/rerank", include_in_schema=False)
 @router.post("/v1/reranking", include_in_schema=False)
 @router.post("/v2/rerank", include_in_schema=False)
 async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
