@@ -14,6 +14,7 @@ Standard library only: it runs before the venv exists.
     python3 scripts/llama_wheel.py key      [--gpu cpu|cuda] [--portable]   # the configuration's key
     python3 scripts/llama_wheel.py install  --python .venv/bin/python [...] # build if needed, install
     python3 scripts/llama_wheel.py build    --out DIR [...]                 # build if needed, copy to DIR
+    python3 scripts/llama_wheel.py version | cmake-args | cflags            # for other builds alike
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shlex
 import shutil
 import subprocess
 import sys
@@ -58,13 +60,16 @@ def cmake_args(gpu: str, portable: bool, cuda_arch: str | None) -> list[str]:
             "-DGGML_NATIVE=OFF",
             "-DGGML_BACKEND_DL=ON",
             "-DGGML_CPU_ALL_VARIANTS=ON",
-            "-DGGML_BACKEND_DIR=llama_cpp/lib",  # installed inside the package, next to libllama
+            # STRING, not PATH: a PATH would be made absolute (the build folder); this is relative to
+            # the wheel root, so the modules land inside the package, next to libllama.
+            "-DGGML_BACKEND_DIR:STRING=llama_cpp/lib",
         ]
     if gpu == "cuda":
         args.append("-DGGML_CUDA=on")
         if cuda_arch:
             args.append(f"-DCMAKE_CUDA_ARCHITECTURES={cuda_arch}")
-    return args
+    # A user's own CMAKE_ARGS (e.g. -DGGML_BLAS=ON) come last, so they win, and are part of the key.
+    return args + shlex.split(os.environ.get("CMAKE_ARGS", ""))
 
 
 def _run(cmd: list[str]) -> str:
@@ -146,7 +151,7 @@ def fetch_sdist(root: Path, sdist: Path | None) -> Path:
     return target
 
 
-def ensure_wheel(config: dict[str, object], sdist: Path | None) -> Path:
+def ensure_wheel(config: dict[str, object], sdist: Path | None, isolated: bool = True) -> Path:
     root = cache_root()
     key = config_key(config)
     folder = root / key
@@ -163,8 +168,21 @@ def ensure_wheel(config: dict[str, object], sdist: Path | None) -> Path:
         print(f"llama_wheel: CMAKE_ARGS={env['CMAKE_ARGS']}", flush=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             # --no-cache-dir: never read or write pip's wheel cache for this package (see above).
+            # isolated=False: use the build tools already installed (a machine with no registry).
+            offline = [] if isolated else ["--no-build-isolation"]
             subprocess.run(
-                [sys.executable, "-m", "pip", "wheel", "--no-cache-dir", "--no-deps", "-w", tmp, str(source)],
+                [
+                    sys.executable,
+                    "-m",
+                    "pip",
+                    "wheel",
+                    "--no-cache-dir",
+                    "--no-deps",
+                    *offline,
+                    "-w",
+                    tmp,
+                    str(source),
+                ],
                 env=env,
                 check=True,
             )
@@ -203,14 +221,31 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("command", choices=["key", "install", "build", "show"])
+    parser.add_argument(
+        "command", choices=["key", "install", "build", "show", "version", "cmake-args", "cflags"]
+    )
     parser.add_argument("--gpu", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--portable", action="store_true", help="all CPU variants, chosen at run time")
     parser.add_argument("--cuda-arch", default=None, help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 for H100/H200")
     parser.add_argument("--python", type=Path, help="the venv's python (install)")
     parser.add_argument("--out", type=Path, help="copy the wheel here (build)")
     parser.add_argument("--sdist", type=Path, help="a local llama-cpp-python sdist (offline builds)")
+    parser.add_argument(
+        "--no-build-isolation",
+        action="store_true",
+        help="build with the installed scikit-build-core (offline)",
+    )
     args = parser.parse_args()
+    if args.command == "version":
+        print(LLAMA_CPP_VERSION)
+        return
+    if args.command in ("cmake-args", "cflags"):  # for llama.cpp's own server, built alike
+        print(
+            " ".join(cmake_args(args.gpu, args.portable, args.cuda_arch))
+            if args.command == "cmake-args"
+            else NO_AMX_FLAGS
+        )
+        return
     config = configuration(args.gpu, args.portable, args.cuda_arch)
     if args.command == "key":
         print(config_key(config))
@@ -223,7 +258,7 @@ def main() -> None:
     else:
         if args.out is None:
             parser.error("build needs --out")
-        wheel = ensure_wheel(config, args.sdist)
+        wheel = ensure_wheel(config, args.sdist, isolated=not args.no_build_isolation)
         args.out.mkdir(parents=True, exist_ok=True)
         shutil.copy2(wheel, args.out / wheel.name)
         print(args.out / wheel.name)

@@ -81,6 +81,14 @@ def test_a_cached_wheel_is_reused_without_compiling(monkeypatch: pytest.MonkeyPa
         lw.ensure_wheel(other, tmp_path / "sdist.tar.gz")
 
 
+def test_a_users_cmake_args_are_part_of_the_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("CMAKE_ARGS", raising=False)
+    plain = key(monkeypatch, "-march=znver3")
+    monkeypatch.setenv("CMAKE_ARGS", "-DGGML_BLAS=ON -DGGML_BLAS_VENDOR=OpenBLAS")
+    assert key(monkeypatch, "-march=znver3") != plain
+    assert lw.cmake_args("cpu", False, None)[-2:] == ["-DGGML_BLAS=ON", "-DGGML_BLAS_VENDOR=OpenBLAS"]
+
+
 def test_the_pin_is_one_version() -> None:
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     assert f"llama-cpp-python=={lw.LLAMA_CPP_VERSION}" in deps
