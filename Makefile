@@ -4,7 +4,6 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 BIN := $(VENV)/bin
 GPU ?= cpu
-LLAMA_CPP_VERSION := 0.3.36
 PROFILE ?= demo
 HOST ?= 127.0.0.1
 PORT ?= 8000
@@ -18,6 +17,7 @@ PYTEST_ARGS ?=
 # because pip's own wheel cache keys on the sdist alone and would hand back a wheel built for
 # another CPU or another GPU setting.
 PORTABLE ?=
+LLAMA_CPP_VERSION := $(shell $(PYTHON) scripts/llama_wheel.py version)
 LLAMA_WHEEL := $(PYTHON) scripts/llama_wheel.py --gpu $(GPU) $(if $(filter 1 yes true,$(PORTABLE)),--portable)
 LLAMA_KEY := $(shell $(LLAMA_WHEEL) key)
 LLAMA_STAMP := $(VENV)/.stamp-llama-$(LLAMA_KEY)
@@ -25,10 +25,10 @@ LLAMA_STAMP := $(VENV)/.stamp-llama-$(LLAMA_KEY)
 STAMP := $(VENV)/.installed-$(LLAMA_KEY)
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test run test lint bench llama-server convert docker clean help
+.PHONY: install install-test run test lint bench llama-server convert docker gpu-kit gpu-check clean help
 
 help:
-	@echo "make run | test | install | lint | bench | llama-server | convert [MODELS=a,b] | docker"
+	@echo "make run | test | install | lint | bench | llama-server | convert [MODELS=a,b] | docker | gpu-kit | gpu-check"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -79,8 +79,11 @@ $(LLAMA_SERVER): | $(BIN)/python
 	mkdir -p build/sdist
 	$(BIN)/pip download -q --no-deps --no-binary :all: -d build/sdist "llama-cpp-python==$(LLAMA_CPP_VERSION)"
 	tar -xzf build/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C build/sdist
+	# The same flags as our wheel (AMX off): a reference that crashes on an AMX CPU measures nothing.
+	CFLAGS="$(shell $(LLAMA_WHEEL) cflags)" CXXFLAGS="$(shell $(LLAMA_WHEEL) cflags)" \
 	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
-		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
+		$(filter-out -DLLAVA_BUILD=OFF,$(shell $(LLAMA_WHEEL) cmake-args))
 	cmake --build build/llama.cpp --target llama-server -j
 
 llama-server: $(LLAMA_SERVER)
@@ -90,6 +93,22 @@ convert: install
 
 docker:
 	docker build -f deploy/Dockerfile -t gguf-serve:cpu .
+
+# The GPU path in one prepared run on a lent GPU machine (no registry there): `make gpu-kit` here
+# fills .gpu-kit/ (pruned llama.cpp sources, the wheels that machine lacks; under its 64 MiB);
+# there, `bash bench/gpu_check.sh` (= make gpu-check) builds CUDA for CUDA_ARCH and checks.
+# Here, `make gpu-check GPU_CHECK=--cpu` runs every step but the GPU on this venv.
+GPU_CHECK ?=
+gpu-kit: install-test
+	$(BIN)/python scripts/gpu_kit.py
+
+gpu-check:
+ifeq ($(GPU_CHECK),--cpu)
+	$(MAKE) install-test
+	$(BIN)/python -m bench.gpu_check --cpu
+else
+	bash bench/gpu_check.sh
+endif
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
