@@ -64,8 +64,8 @@ test: install-test
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
 
 lint: install
-	$(BIN)/ruff check gguf_serve tests bench
-	$(BIN)/ruff format --check gguf_serve tests bench
+	$(BIN)/ruff check gguf_serve tests bench scripts
+	$(BIN)/ruff format --check gguf_serve tests bench scripts
 	$(BIN)/mypy gguf_serve
 
 bench: install-test
