@@ -183,6 +183,13 @@ class ModelSettings(BaseModel):
             raise ValueError(f"n_ubatch ({self.n_ubatch}) must not exceed n_batch ({self.n_batch})")
         if self.role == "rerank" and self.scorer == "embedding" and not self.embedding_model:
             raise ValueError("scorer = 'embedding' needs embedding_model = '<id of an embedding model>'")
+        if self.role == "embedding" and self.pooling in ("none", "rank"):
+            # Never silently mean-pooled: token-level vectors (TEI's /embed_all) are not served.
+            raise ValueError(
+                f"pooling = {self.pooling!r} cannot give one vector per input, and token-level "
+                "embeddings are not served; use 'mean', 'cls' or 'last', or leave pooling unset "
+                "to take the GGUF's"
+            )
         if self.file is None and self.depends_on is None:
             raise ValueError("file is required: a GGUF path, pypi:, modelscope: or hf: reference")
         return self

@@ -49,6 +49,24 @@ def grammar_for_response_format(fmt: dict[str, Any] | None) -> str | None:
     raise InvalidRequest(f"unknown response_format type {kind!r}", "response_format")
 
 
+def grammar_for_json_schema(schema: dict[str, Any]) -> str:
+    """llama-server's top-level `json_schema` field -> GBNF."""
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:
+        raise InvalidRequest(f"unsupported JSON schema: {e}", "json_schema") from e
+
+
+def compile_grammar(params: SamplingParams) -> None:
+    if params.json_schema is not None and params.grammar is None:
+        params.grammar = grammar_for_json_schema(params.json_schema)
+
+
+# Stands in for the final message's content while the template renders, so that the prompt
+# can be cut right where that content belongs (templates strip or rewrite content).
+PREFILL_MARK = "\x00gguf-serve-prefill\x00"
+
+
 class ChatEngine:
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
         self.model = model
@@ -101,12 +119,30 @@ class ChatEngine:
         if not req.messages:
             raise InvalidRequest("messages must not be empty", "messages")
         tools = req.tools if req.tools_enabled else None
-        return self.template.render(
-            [m.as_template_dict() for m in req.messages],
+        messages = [m.as_template_dict() for m in req.messages]
+        if not req.continue_final_message:
+            return self.template.render(
+                messages, tools=tools, add_generation_prompt=req.add_generation_prompt, **req.template_kwargs
+            )
+        # Assistant prefill: the prompt ends inside the last message, after its content.
+        final = messages[-1]
+        if final["role"] != "assistant":
+            raise InvalidRequest("continue_final_message needs an assistant message last", "messages")
+        text = final["content"]
+        rendered = self.template.render(
+            [*messages[:-1], {**final, "content": PREFILL_MARK}],
             tools=tools,
-            add_generation_prompt=True,
+            add_generation_prompt=False,
             **req.template_kwargs,
         )
+        cut = rendered.rfind(PREFILL_MARK)
+        if cut < 0:
+            raise InvalidRequest(
+                "this model's chat template does not render the final assistant message; "
+                "it cannot be continued",
+                "continue_final_message",
+            )
+        return rendered[:cut] + text
 
     # --- generation ---------------------------------------------------------------------------
     def start_chat(self, req: ChatRequest) -> ChatStream:
@@ -114,10 +150,15 @@ class ChatEngine:
         prompt = self.render(req)
         tokens = self.tokenize_prompt(prompt)
         params = req.params
+        compile_grammar(params)
         if params.grammar is None and req.response_format is not None:
             params.grammar = grammar_for_response_format(req.response_format)
+        # Inside an open <think> (a Thinking template's prompt, or a prefill that opened one).
+        thinking = prompt.rstrip().endswith("<think>") or (
+            req.continue_final_message and prompt.rfind("<think>") > prompt.rfind("</think>")
+        )
         reasoning = (
-            ReasoningParser(in_reasoning=prompt.rstrip().endswith("<think>"))
+            ReasoningParser(in_reasoning=thinking)
             if self.settings.reasoning and req.parse_reasoning and params.grammar is None
             else None
         )
@@ -131,6 +172,7 @@ class ChatEngine:
         bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
         if bad:
             raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary", "prompt")
+        compile_grammar(params)
         return self.scheduler.start(tokens, params)
 
     def stats(self) -> dict[str, float]:

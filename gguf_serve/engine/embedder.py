@@ -298,8 +298,9 @@ class Embedder(BatchedEngine):
         self.settings = ms
         pooling = ms.pooling or model.pooling_type
         if pooling in ("none", "rank"):
-            # A GGUF without pooling metadata: llama.cpp's own default for embeddings.
-            log.warning("%s: pooling %r cannot give one vector per input; using mean", ms.id, pooling)
+            # A GGUF without pooling metadata (a profile's pooling = "none" is refused by its
+            # settings): llama.cpp's own default for embeddings.
+            log.warning("%s: the GGUF's pooling %r gives no vector per input; using mean", ms.id, pooling)
             pooling = "mean"
         self.pooling = pooling
         self._limit = seq_limit(model, ms)

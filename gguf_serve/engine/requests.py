@@ -65,6 +65,7 @@ class SamplingParams:
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, root rule "root"
+    json_schema: dict[str, Any] | None = None  # compiled into `grammar` by the engine
     max_tokens: int | None = None  # None: until EOS or the context is full
     stop: list[str] = field(default_factory=list)
     logprobs: bool = False
@@ -132,6 +133,10 @@ class ChatRequest:
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     parse_reasoning: bool = True
     response_format: dict[str, Any] | None = None
+    # Assistant prefill (vLLM's and llama-server's fields): the answer continues the last
+    # (assistant) message instead of starting a new one.
+    continue_final_message: bool = False
+    add_generation_prompt: bool = True
 
     @property
     def tools_enabled(self) -> bool:

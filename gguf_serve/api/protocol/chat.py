@@ -59,6 +59,9 @@ class ChatCompletionRequest(SamplingFields):
     chat_template_kwargs: dict[str, Any] | None = None
     # RAGFlow sends this at the top level for Qwen3 models.
     enable_thinking: bool | None = None
+    # Assistant prefill, as vLLM and llama-server take it.
+    continue_final_message: bool = False
+    add_generation_prompt: bool | None = None
 
     def to_engine(self, ms: ModelSettings, limits: Limits) -> ChatRequest:
         if len(self.messages) > limits.max_messages:
@@ -86,6 +89,20 @@ class ChatCompletionRequest(SamplingFields):
             self.max_completion_tokens or self.max_tokens,
             (top or 0) if self.logprobs else None,
         )
+        if self.continue_final_message:
+            if self.add_generation_prompt:
+                raise InvalidRequest(
+                    "continue_final_message and add_generation_prompt cannot both be true",
+                    "continue_final_message",
+                )
+            if self.messages[-1].role != "assistant":
+                raise InvalidRequest(
+                    "continue_final_message needs an assistant message last (the text to continue)",
+                    "messages",
+                )
+        custom = params.grammar is not None or params.json_schema is not None
+        if custom and (self.response_format or {}).get("type") not in (None, "text"):
+            raise InvalidRequest("send response_format or grammar/json_schema, not both", "response_format")
         return ChatRequest(
             messages=messages,
             params=params,
@@ -93,6 +110,12 @@ class ChatCompletionRequest(SamplingFields):
             tool_choice=self.tool_choice,
             template_kwargs=kwargs,
             response_format=self.response_format,
+            continue_final_message=self.continue_final_message,
+            add_generation_prompt=(
+                not self.continue_final_message
+                if self.add_generation_prompt is None
+                else self.add_generation_prompt
+            ),
         )
 
 

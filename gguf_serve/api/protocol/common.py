@@ -30,6 +30,9 @@ class SamplingFields(BaseModel):
     logit_bias: dict[str, float] | None = None
     n: int = Field(1, ge=1)
     ignore_eos: bool = False
+    # llama-server's extensions: a GBNF grammar, or a JSON schema the output must match.
+    grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
 
     @field_validator("stop")
     @classmethod
@@ -46,6 +49,8 @@ class SamplingFields(BaseModel):
     ) -> SamplingParams:
         if self.n != 1:
             raise InvalidRequest("only n=1 is supported", "n")
+        if self.grammar is not None and self.json_schema is not None:
+            raise InvalidRequest("send either grammar or json_schema, not both", "grammar")
         bias: dict[int, float] = {}
         for key, value in (self.logit_bias or {}).items():
             try:
@@ -76,6 +81,8 @@ class SamplingFields(BaseModel):
             logprobs=logprobs is not None,
             top_logprobs=logprobs or 0,
             ignore_eos=self.ignore_eos,
+            grammar=self.grammar or None,
+            json_schema=self.json_schema,
         )
 
 
