@@ -33,6 +33,8 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION
+
 Role = Literal["chat", "embedding", "rerank"]
 Pooling = Literal["none", "mean", "cls", "last", "rank"]
 RerankScorerKind = Literal["auto", "head", "causal", "embedding"]
@@ -43,9 +45,6 @@ PROFILE_DIRS = (Path.cwd() / "profiles", Path(__file__).resolve().parent / "prof
 ENV_PREFIX = "GGUF_SERVE_"
 # GGUF_SERVE_* variables that are not server settings: `gguf-serve chat --api-key`.
 NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY"})
-
-# Qwen3-Reranker's own instruction; the model was trained with it as the default task.
-DEFAULT_RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 
 
 def machine_memory_bytes() -> int:
@@ -164,7 +163,8 @@ class ModelSettings(BaseModel):
     # rerank
     scorer: RerankScorerKind = "auto"
     embedding_model: str | None = Field(None, description="id of the embedding model for scorer=embedding")
-    rerank_instruction: str = DEFAULT_RERANK_INSTRUCTION
+    # Qwen3-Reranker's own instruction; the model was trained with it as the default task.
+    rerank_instruction: str = RERANK_INSTRUCTION
 
     # lifecycle: None keeps the model loaded; N unloads it after N idle seconds.
     keep_alive: float | None = Field(None, gt=0)

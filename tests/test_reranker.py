@@ -13,16 +13,16 @@ import pytest
 
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
+from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, RERANK_PROMPT
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
 from gguf_serve.engine.reranker import (
-    QWEN3_RERANK_PROMPT,
     CausalScorer,
     EmbeddingScorer,
     HeadScorer,
     Reranker,
     make_reranker,
 )
-from gguf_serve.settings import DEFAULT_RERANK_INSTRUCTION, Limits, ModelSettings
+from gguf_serve.settings import Limits, ModelSettings
 
 QUERY = "Which city is the capital of France?"
 DOCS = [
@@ -87,7 +87,7 @@ def transformers_p_yes(ckpt: Path, query: str, docs: list[str], instruction: str
     yes, no = tok.convert_tokens_to_ids("yes"), tok.convert_tokens_to_ids("no")
     out = []
     for d in docs:
-        prompt = QWEN3_RERANK_PROMPT.format(instruction=instruction, query=query, document=d)
+        prompt = RERANK_PROMPT.format(instruction=instruction, query=query, document=d)
         ids = tok(prompt, return_tensors="pt")
         with torch.no_grad():
             logits = lm(**ids).logits[0, -1]
@@ -101,7 +101,7 @@ def test_head_equals_causal_equals_transformers(tiny_pair: Any) -> None:
     assert isinstance(causal, CausalScorer) and causal.kind == "causal"
     a = run(head.score(QUERY, DOCS))
     b = run(causal.score(QUERY, DOCS))
-    ref = transformers_p_yes(ckpt, QUERY, DOCS, DEFAULT_RERANK_INSTRUCTION)
+    ref = transformers_p_yes(ckpt, QUERY, DOCS, RERANK_INSTRUCTION)
     assert a.prompt_tokens == b.prompt_tokens > 0
     np.testing.assert_allclose(a.scores, b.scores, atol=1e-5)
     np.testing.assert_allclose(a.scores, ref, atol=1e-3)

@@ -19,11 +19,13 @@ import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
 
 from gguf_serve.engine.context_size import context_size
+from gguf_serve.engine.qwen3_prompts import EMBED_QUERY_FORMAT
 from gguf_serve.engine.llama_runtime import (
     Batch,
     ContextParams,
@@ -41,7 +43,14 @@ Vector = npt.NDArray[np.float32]
 Readout = Callable[[LlamaContext, int, int], Vector]
 
 MAX_SEQ_PER_DECODE = 64
-QUERY_FORMAT = "Instruct: {task}\nQuery:{text}"  # Qwen3-Embedding's query prompt
+# Tokenizing more text than this in one request (64 long documents) would stall the event
+# loop for other requests: it goes to a thread.
+TOKENIZE_IN_THREAD_CHARS = 4096
+T = TypeVar("T")
+
+
+async def tokenize_off_loop(n_chars: int, tokenize: Callable[[], T]) -> T:
+    return await asyncio.to_thread(tokenize) if n_chars > TOKENIZE_IN_THREAD_CHARS else tokenize()
 
 
 def embedding_context(
@@ -356,7 +365,7 @@ class Embedder(BatchedEngine):
 
     def tokenize(self, text: str, instruction: str | None = None) -> list[int]:
         if instruction:
-            text = QUERY_FORMAT.format(task=instruction, text=text)
+            text = EMBED_QUERY_FORMAT.format(task=instruction, text=text)
         # User text never becomes control tokens (parse_special=False).
         return self.model.tokenize(text, add_special=False, parse_special=False)
 
@@ -410,10 +419,10 @@ class Embedder(BatchedEngine):
                 f"dimensions must be between 1 and {self._n_out} for this model; got {dimensions}",
                 "dimensions",
             )
-        if sum(len(x) for x in inputs) > 4096:  # long batches: tokenize off the event loop
-            seqs = await asyncio.to_thread(self.sequences, inputs, instruction, truncate, cut_left)
-        else:
-            seqs = self.sequences(inputs, instruction, truncate, cut_left)
+        n_chars = sum(len(x) for x in inputs)
+        seqs = await tokenize_off_loop(
+            n_chars, lambda: self.sequences(inputs, instruction, truncate, cut_left)
+        )
         raw = await self.batcher.run(seqs)
         unit = self.settings.normalize if normalize is None else normalize
         vectors: list[Vector] = []

@@ -24,21 +24,18 @@ from gguf_serve.engine.embedder import (
     SequenceBatcher,
     Vector,
     embedding_context,
+    l2_normalize,
     seq_limit,
+    tokenize_off_loop,
 )
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
+from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, fill, rerank_template
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
-from gguf_serve.settings import DEFAULT_RERANK_INSTRUCTION, Limits, ModelSettings
+from gguf_serve.settings import Limits, ModelSettings
 
 log = logging.getLogger("gguf_serve.reranker")
 
 # Qwen3-Reranker's prompt (from its model card); {instruction}, {query}, {document} are filled in.
-QWEN3_RERANK_PROMPT = (
-    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
-    'Instruct provided. Note that the answer can only be "yes" or "no".<|im_end|>\n'
-    "<|im_start|>user\n<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}<|im_end|>\n"
-    "<|im_start|>assistant\n<think>\n\n</think>\n\n"
-)
 # Architectures whose rank head already ends in a softmax (llama-graph.cpp build_pooling).
 SOFTMAX_HEAD_ARCHS = frozenset({"qwen3", "qwen3vl"})
 POSITIVE_LABELS = ("yes", "relevant", "true", "positive", "label_1", "1")
@@ -80,23 +77,6 @@ def check_request(query: str, documents: list[str]) -> None:
         raise InvalidRequest("documents is empty; send at least one document", "documents")
 
 
-def fill(template: str, instruction: str, query: str, document: str) -> str:
-    # One pass over the template, so braces in the query or document are never re-read as fields.
-    fields = {"{instruction}": instruction, "{query}": query, "{document}": document}
-    out: list[str] = []
-    i = 0
-    while i < len(template):
-        for key, value in fields.items():
-            if template.startswith(key, i):
-                out.append(value)
-                i += len(key)
-                break
-        else:
-            out.append(template[i])
-            i += 1
-    return "".join(out)
-
-
 class _PairScorer(BatchedEngine, Reranker):
     """Shared by HeadScorer and CausalScorer: pair prompts -> one decode batch per many pairs."""
 
@@ -121,7 +101,9 @@ class _PairScorer(BatchedEngine, Reranker):
     def _pair(self, template: str | None, query: str, doc: str) -> list[int]:
         m = self.model
         if template is not None:
-            return m.tokenize(fill(template, "", query, doc), add_special=False, parse_special=True)
+            return m.tokenize(
+                fill(template, query=query, document=doc), add_special=False, parse_special=True
+            )
         # llama.cpp server's format_prompt_rerank for models without a rerank template.
         q = m.tokenize(query, add_special=False, parse_special=False)
         d = m.tokenize(doc, add_special=False, parse_special=False)
@@ -171,10 +153,8 @@ class _PairScorer(BatchedEngine, Reranker):
         check_request(query, documents)
         instr = instruction or self.settings.rerank_instruction
         cut = self.settings.truncate if truncate is None else truncate
-        if sum(len(d) for d in documents) > 4096:  # tokenizing 64 long documents: off the event loop
-            seqs = await asyncio.to_thread(self._sequences, query, documents, instr, cut)
-        else:
-            seqs = self._sequences(query, documents, instr, cut)
+        n_chars = sum(len(d) for d in documents)
+        seqs = await tokenize_off_loop(n_chars, lambda: self._sequences(query, documents, instr, cut))
         outs = await self.batcher.run(seqs)
         scores = [min(1.0, max(0.0, self._to_score(o))) for o in outs]
         return RerankResult(scores, sum(len(s) for s in seqs), [self._to_raw(o) for o in outs])
@@ -200,9 +180,9 @@ class HeadScorer(_PairScorer):
         if t is None:
             return None
         if "{instruction}" in t:
-            return t.replace("{instruction}", instruction)
+            return fill(t, instruction=instruction)
         # Converted Qwen3-Reranker templates carry the default instruction verbatim.
-        return t.replace(DEFAULT_RERANK_INSTRUCTION, instruction) if DEFAULT_RERANK_INSTRUCTION in t else t
+        return t.replace(RERANK_INSTRUCTION, instruction) if RERANK_INSTRUCTION in t else t
 
     def _to_raw(self, out: Vector) -> float:
         return float(out[0]) if self.n_out == 1 else super()._to_raw(out)
@@ -234,7 +214,7 @@ class CausalScorer(_PairScorer):
         return np.array([row[self.yes], row[self.no]], dtype=np.float32)
 
     def _template(self, instruction: str) -> str | None:
-        return QWEN3_RERANK_PROMPT.replace("{instruction}", instruction)
+        return rerank_template(instruction)
 
     def _to_raw(self, out: Vector) -> float:
         return float(out[0]) - float(out[1])
@@ -273,12 +253,12 @@ class EmbeddingScorer(Reranker):
             raise ContextOverflow(
                 e.message.replace("Input has", "The query or a document has"), "documents"
             ) from None
-        qv = _unit(results[0].vectors[0])
+        qv = l2_normalize(results[0].vectors[0])
         scores = [0.0] * len(documents)
         cosines = [-1.0] * len(documents)
         doc_vectors = results[1].vectors if texts else []
         for i, v in zip(texts, doc_vectors, strict=True):
-            cosines[i] = float(np.dot(qv, _unit(v)))
+            cosines[i] = float(np.dot(qv, l2_normalize(v)))
             scores[i] = min(1.0, max(0.0, (cosines[i] + 1.0) / 2.0))
         return RerankResult(scores, sum(r.prompt_tokens for r in results), cosines)
 
@@ -287,11 +267,6 @@ class EmbeddingScorer(Reranker):
 
     def close(self) -> None:
         pass  # the embedder belongs to its own registry entry
-
-
-def _unit(v: Vector) -> Vector:
-    n = float(np.linalg.norm(v))
-    return v / n if n > 0 else v
 
 
 def make_reranker(

@@ -29,8 +29,7 @@ async def list_models(request: Request) -> dict[str, Any]:
             "created": _CREATED,
             "owned_by": "gguf-serve",
             "role": ms.role,
-            # RAGFlow's model discovery reads model_type.
-            "model_type": {"chat": "chat", "embedding": "embedding", "rerank": "rerank"}[ms.role],
+            "model_type": ms.role,  # RAGFlow's model discovery reads model_type
             "context_length": n_ctx or ms.n_ctx,
             "max_model_len": n_ctx or ms.n_ctx,
             "loaded": state is LoadState.READY,
