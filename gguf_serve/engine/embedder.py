@@ -25,7 +25,6 @@ import numpy as np
 import numpy.typing as npt
 
 from gguf_serve.engine.context_size import context_size
-from gguf_serve.engine.qwen3_prompts import EMBED_QUERY_FORMAT
 from gguf_serve.engine.llama_runtime import (
     Batch,
     ContextParams,
@@ -33,6 +32,7 @@ from gguf_serve.engine.llama_runtime import (
     LlamaModel,
     usable_cpus,
 )
+from gguf_serve.engine.qwen3_prompts import EMBED_QUERY_FORMAT
 from gguf_serve.engine.requests import ContextOverflow, EngineError, InvalidRequest, NotReady, QueueFull
 from gguf_serve.settings import Limits, ModelSettings
 
