@@ -181,9 +181,12 @@ class ChatEngine:
     def idle(self) -> bool:
         return self.scheduler.idle()
 
-    def close(self) -> None:
-        self.scheduler.close()
+    def close(self) -> bool:
+        """True when everything was freed (see ChatScheduler.close)."""
+        if not self.scheduler.close():
+            return False
         self.ctx.close()
+        return True
 
 
 class ChatStream:

@@ -146,6 +146,7 @@ class ChatScheduler:
         self._waiting: deque[Job] = deque()
         self._cv = threading.Condition()
         self._stopping = False
+        self._freed = False
         self._outbox: list[tuple[Job, GenerationEvent]] = []
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
@@ -222,12 +223,23 @@ class ChatScheduler:
     def idle(self) -> bool:
         return not self._waiting and all(s.job is None for s in self.slots)
 
-    def close(self) -> None:
+    def close(self, timeout_s: float = 30.0) -> bool:
+        """Stop the thread (waiting requests end "cancelled") and free the batch. False when
+        the thread is still inside llama.cpp after `timeout_s`: then nothing is freed, since
+        freeing a batch or context a live decode uses would crash the process."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout=30)
-        self._batch.free()
+        self._thread.join(timeout=timeout_s)
+        if self._thread.is_alive():
+            log.warning(
+                "%s: the scheduler is still decoding; its memory is left to the process exit", self.name
+            )
+            return False
+        if not self._freed:  # close() may be called again after a False
+            self._freed = True
+            self._batch.free()
+        return True
 
     # --- the scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
