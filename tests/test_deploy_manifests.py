@@ -35,11 +35,13 @@ def load_yaml_docs(path: Path) -> list[dict[str, Any]]:
 
 
 def k8s_objects(directory: Path) -> dict[str, dict[str, Any]]:
+    """One object per kind; ConfigMaps by name (the profile's and the convert recipe's)."""
     out = {}
     for p in sorted(directory.glob("*.yaml")):
         for doc in load_yaml_docs(p):
             if "kind" in doc and doc["kind"] != "Kustomization":
-                out[doc["kind"]] = doc
+                key = doc["metadata"]["name"] if doc["kind"] == "ConfigMap" else doc["kind"]
+                out[key] = doc
     return out
 
 
@@ -158,7 +160,7 @@ def test_k8s_deployment_probes_ports_and_user() -> None:
         volumes["models"]["persistentVolumeClaim"]["claimName"]
         == objs["PersistentVolumeClaim"]["metadata"]["name"]
     )
-    assert volumes["profile"]["configMap"]["name"] == objs["ConfigMap"]["metadata"]["name"]
+    assert volumes["profile"]["configMap"]["name"] in objs
     # the grace period covers the server's own shutdown grace
     assert pod["terminationGracePeriodSeconds"] > Settings.model_fields["shutdown_grace_s"].default
 
@@ -171,17 +173,36 @@ def test_k8s_deployment_probes_ports_and_user() -> None:
 
     hpa = objs["HorizontalPodAutoscaler"]
     assert hpa["spec"]["scaleTargetRef"]["name"] == dep["metadata"]["name"]
-    assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
+    # Queueing, not CPU (tests/test_k8s_schemas.py checks the names against /metrics).
+    assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Pods", "Pods"]
 
 
-@pytest.mark.parametrize("kdir", [K8S / "base", K8S / "overlays" / "cuda"], ids=["base", "cuda"])
+def test_convert_job_recipe_is_the_main_recipe_for_the_profile_files() -> None:
+    objs = k8s_objects(K8S / "base")
+    recipe = tomllib.loads(objs["gguf-serve-convert-recipe"]["data"]["recipe.toml"])["model"]
+    main = {m["name"]: m for m in tomllib.loads((ROOT / "convert" / "qwen3-rag.toml").read_text())["model"]}
+    for entry in recipe:
+        assert entry == main[entry["name"]], f"{entry['name']} differs from convert/qwen3-rag.toml"
+    built = {f"/models/{m['name']}/{m['name']}-{q}.gguf" for m in recipe for q in m["quant"]}
+    profile = load_settings(str(PROFILE))
+    assert {m.file for m in profile.models} <= built, "the Job does not build every file the profile serves"
+    (job_c,) = objs["Job"]["spec"]["template"]["spec"]["containers"]
+    assert job_c["args"][:2] == ["gguf-serve", "convert"] and "/models" in job_c["args"]
+
+
+@pytest.mark.parametrize(
+    "kdir",
+    [K8S / "base", K8S / "overlays" / "cuda", K8S / "prometheus-adapter"],
+    ids=["base", "cuda", "adapter"],
+)
 def test_kustomization_lists_resources_that_exist(kdir: Path) -> None:
     (k,) = load_yaml_docs(kdir / "kustomization.yaml")
-    listed = [*k.get("resources", []), *(p["path"] for p in k.get("patches", []))]
-    assert listed
+    # bases / patchesStrategicMerge: the spelling Debian's kubectl (kustomize v2) reads too.
+    listed = [*k.get("resources", []), *k.get("bases", []), *k.get("patchesStrategicMerge", [])]
+    assert listed and "labels" not in k and "patches" not in k
     for r in listed:
         assert (kdir / r).exists(), f"{kdir / r} is listed but missing"
-    if kdir.name == "base":
+    if kdir.name != "cuda":
         on_disk = {p.name for p in kdir.glob("*.yaml")} - {"kustomization.yaml"}
         assert on_disk == set(k["resources"]), "a manifest is not listed in the kustomization"
 
