@@ -8,12 +8,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import Any, Generic, Literal, overload
 
 from fastapi import Request
 
 from gguf_serve.api.errors import error_body
-from gguf_serve.engine.registry import LoadedModel
+from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, RerankModel
+from gguf_serve.engine.registry import E, LoadedModel, ModelRegistry
 from gguf_serve.engine.requests import EngineError, Finished
 from gguf_serve.settings import Limits, Role
 
@@ -36,22 +37,41 @@ def stream_error(err: EngineError) -> str:
 
 
 @dataclass
-class ServingContext:
+class ServingContext(Generic[E]):
+    """The model a request was routed to, typed by role: for_request(..., "chat") is a
+    ServingContext[ChatModel], so a route calls only what engine/interfaces.py declares."""
+
     request: Request
-    loaded: LoadedModel
+    loaded: LoadedModel[E]
     model_name: str
     limits: Limits
     created: int = field(default_factory=lambda: int(time.time()))
     started: float = field(default_factory=time.monotonic)
     _ttft_seen: bool = False
 
-    @classmethod
-    async def for_request(cls, request: Request, model: str | None, role: Role) -> ServingContext:
+    @overload
+    @staticmethod
+    async def for_request(
+        request: Request, model: str | None, role: Literal["chat"]
+    ) -> ServingContext[ChatModel]: ...
+    @overload
+    @staticmethod
+    async def for_request(
+        request: Request, model: str | None, role: Literal["embedding"]
+    ) -> ServingContext[EmbeddingModel]: ...
+    @overload
+    @staticmethod
+    async def for_request(
+        request: Request, model: str | None, role: Literal["rerank"]
+    ) -> ServingContext[RerankModel]: ...
+    @staticmethod
+    async def for_request(request: Request, model: str | None, role: Role) -> ServingContext[AnyEngine]:
         state = request.app.state
-        loaded = await state.registry.acquire(model, role)
+        registry: ModelRegistry = state.registry
+        loaded = await registry.acquire(model, role)
         # The access log reads the model id from here (never the prompt).
         request.scope.setdefault("state", {})["model"] = loaded.settings.id
-        return cls(request, loaded, model or loaded.settings.id, state.settings.limits)
+        return ServingContext(request, loaded, model or loaded.settings.id, state.settings.limits)
 
     @property
     def metrics(self) -> Any:

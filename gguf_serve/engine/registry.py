@@ -11,12 +11,16 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
 
+from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, Engine, RerankModel
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
 from gguf_serve.engine.model_defaults import with_model_sampling
 from gguf_serve.engine.requests import InvalidRequest, ModelNotFound, NotReady
 from gguf_serve.settings import ModelSettings, Role, Settings
+
+if TYPE_CHECKING:
+    from gguf_serve.engine.embedder import Embedder
 
 log = logging.getLogger("gguf_serve.registry")
 
@@ -29,12 +33,16 @@ class LoadState(enum.Enum):
     UNLOADED = "unloaded"
 
 
+E = TypeVar("E", bound=Engine, covariant=True)
+
+
 @dataclass(eq=False)
-class LoadedModel:
-    """What a route gets: the settings of the id it asked for, and the engine that serves it."""
+class LoadedModel(Generic[E]):
+    """What a route gets: the settings of the id it asked for, and the engine that serves it
+    (typed by role: acquire(name, "chat") is a LoadedModel[ChatModel])."""
 
     settings: ModelSettings
-    engine: Any
+    engine: E
     llama_model: LlamaModel | None = None
     path: Path | None = None
 
@@ -44,7 +52,7 @@ class _Entry:
     settings: ModelSettings
     state: LoadState = LoadState.PENDING
     error: str | None = None
-    loaded: LoadedModel | None = None
+    loaded: LoadedModel[AnyEngine] | None = None
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -75,10 +83,18 @@ class ModelRegistry:
                 self._dependants[dep].append(m.id)
 
     # --- lookup -------------------------------------------------------------------------------
-    def entries(self) -> list[tuple[ModelSettings, LoadState, LoadedModel | None]]:
+    def entries(self) -> list[tuple[ModelSettings, LoadState, LoadedModel[AnyEngine] | None]]:
         return [(e.settings, e.state, e.loaded) for e in self._entries.values()]
 
-    def get(self, name: str | None, role: Role) -> LoadedModel:
+    @overload
+    def get(self, name: str | None, role: Literal["chat"]) -> LoadedModel[ChatModel]: ...
+    @overload
+    def get(self, name: str | None, role: Literal["embedding"]) -> LoadedModel[EmbeddingModel]: ...
+    @overload
+    def get(self, name: str | None, role: Literal["rerank"]) -> LoadedModel[RerankModel]: ...
+    @overload
+    def get(self, name: str | None, role: Role) -> LoadedModel[AnyEngine]: ...
+    def get(self, name: str | None, role: Role) -> LoadedModel[AnyEngine]:
         entry = self._entry(name, role)
         if entry.state is LoadState.FAILED:
             raise NotReady(f"model {entry.settings.id!r} failed to load: {entry.error}")
@@ -87,7 +103,21 @@ class ModelRegistry:
         self._touch(entry.settings.id)
         return entry.loaded
 
-    async def acquire(self, name: str | None, role: Role, wait_s: float = 300.0) -> LoadedModel:
+    @overload
+    async def acquire(
+        self, name: str | None, role: Literal["chat"], wait_s: float = ...
+    ) -> LoadedModel[ChatModel]: ...
+    @overload
+    async def acquire(
+        self, name: str | None, role: Literal["embedding"], wait_s: float = ...
+    ) -> LoadedModel[EmbeddingModel]: ...
+    @overload
+    async def acquire(
+        self, name: str | None, role: Literal["rerank"], wait_s: float = ...
+    ) -> LoadedModel[RerankModel]: ...
+    @overload
+    async def acquire(self, name: str | None, role: Role, wait_s: float = ...) -> LoadedModel[AnyEngine]: ...
+    async def acquire(self, name: str | None, role: Role, wait_s: float = 300.0) -> LoadedModel[AnyEngine]:
         """Like get(), but waits for a lazily loaded or idle-unloaded model to come back."""
         entry = self._entry(name, role)
         if self._loads_on_demand(entry):
@@ -166,7 +196,7 @@ class ModelRegistry:
             log.info("model %s (%s) ready in %.1fs", e.settings.id, e.settings.role, time.monotonic() - t0)
         self._touch(e.settings.id)
 
-    def _shared(self, mid: str) -> LoadedModel:
+    def _shared(self, mid: str) -> LoadedModel[AnyEngine]:
         other = self._entries[mid]
         if other.state is not LoadState.READY and other.state is not LoadState.FAILED:
             self._load_one(other)
@@ -174,7 +204,7 @@ class ModelRegistry:
             raise ModelLoadError(f"model {mid!r} it depends on failed to load: {other.error}")
         return other.loaded
 
-    def _build(self, ms: ModelSettings) -> LoadedModel:
+    def _build(self, ms: ModelSettings) -> LoadedModel[AnyEngine]:
         if ms.same_weights_as:
             base = self._shared(ms.same_weights_as)
             meta = base.llama_model.meta if base.llama_model is not None else lambda key: None
@@ -192,7 +222,7 @@ class ModelRegistry:
         n_gpu_layers = choose_gpu_layers(path, ms)
         model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
         try:
-            engine: Any
+            engine: AnyEngine
             if ms.role == "chat":
                 from gguf_serve.engine.chat import ChatEngine
 
@@ -218,9 +248,11 @@ class ModelRegistry:
         )
         return LoadedModel(with_model_sampling(ms, model.meta), engine, model, path)
 
-    def _embedder_for(self, mid: str) -> Any:
+    def _embedder_for(self, mid: str) -> Embedder:
+        from gguf_serve.engine.embedder import Embedder
+
         loaded = self._shared(mid)
-        if loaded.settings.role != "embedding":
+        if not isinstance(loaded.engine, Embedder):
             raise ModelLoadError(f"model {mid!r} is not an embedding model")
         return loaded.engine
 
@@ -254,7 +286,7 @@ class ModelRegistry:
     def _idle(self, mid: str) -> bool:
         """No request in progress on this model or on anything that runs on it."""
         loaded = self._entries[mid].loaded
-        if loaded is not None and not getattr(loaded.engine, "idle", lambda: True)():
+        if loaded is not None and not loaded.engine.idle():
             return False
         return all(self._idle(d) for d in self._dependants[mid])
 

@@ -54,6 +54,10 @@ class Reranker:
 
     kind = "none"
 
+    @property
+    def n_ctx(self) -> int:
+        raise NotImplementedError
+
     async def score(
         self, query: str, documents: list[str], instruction: str | None = None, truncate: bool | None = None
     ) -> RerankResult:
