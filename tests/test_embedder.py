@@ -13,7 +13,7 @@ import pytest
 
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
-from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest, NotReady
 from gguf_serve.settings import Limits, ModelSettings
 
 TEXTS = [
@@ -261,3 +261,15 @@ def test_qwen3_exactly_one_eos(qwen3: Embedder) -> None:
     assert text_seq[-1] == eos and text_seq.count(eos) == 1  # user text never makes control tokens
     a, b = run(qwen3.embed([ids, [*ids, eos]])).vectors
     assert float(a @ b) > 0.99999
+
+
+def test_close_is_idempotent_and_refuses_new_work(minilm_gguf: Path) -> None:
+    model = LlamaModel(minilm_gguf)
+    emb = Embedder(model, ModelSettings(id="m", role="embedding", file="x", n_ctx=512), Limits())
+    try:
+        assert len(run(emb.embed(["before close"])).vectors) == 1
+        assert emb.close() is True and emb.close() is True  # the context is freed once
+        with pytest.raises(NotReady, match="shutting down"):
+            run(emb.embed(["after close"]))
+    finally:
+        model.close()

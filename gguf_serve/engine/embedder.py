@@ -1,273 +1,28 @@
-"""Pooled embeddings, with the sequences of concurrent requests sharing decode calls.
-
-One worker thread owns the llama.cpp context (the core); callers tokenize on their own
-side (pre) and normalize the pooled vectors (post), so the thread does nothing but
-decode. Every sequence is decoded whole in one physical batch: llama.cpp pools (and,
-for non-causal models, attends) within one ubatch only, so the context's n_ubatch is at
-least the longest allowed input and the batch is never split. How many tokens go into
-one decode is the model's `n_ubatch` setting: small packs waste less attention on the
-masked pairs of other sequences, large ones make bigger matrix products.
-"""
+"""Pooled embeddings: text or token ids in, one vector per input out, the sequences of
+concurrent requests sharing decode calls (engine/batcher.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
-import threading
-import time
-from collections import deque
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
-from typing import TypeVar
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import numpy.typing as npt
 
-from gguf_serve.engine.context_size import context_size
-from gguf_serve.engine.llama_runtime import (
-    Batch,
-    ContextParams,
-    LlamaContext,
-    LlamaModel,
-    usable_cpus,
+from gguf_serve.engine.batcher import (
+    BatchedEngine,
+    SequenceBatcher,
+    Vector,
+    embedding_context,
+    seq_limit,
+    tokenize_off_loop,
 )
+from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.qwen3_prompts import EMBED_QUERY_FORMAT
-from gguf_serve.engine.requests import ContextOverflow, EngineError, InvalidRequest, NotReady, QueueFull
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
 from gguf_serve.settings import Limits, ModelSettings
 
 log = logging.getLogger("gguf_serve.embedder")
-
-Vector = npt.NDArray[np.float32]
-# Reads one sequence's result after a decode: (context, seq_id, batch index of its last token).
-Readout = Callable[[LlamaContext, int, int], Vector]
-
-MAX_SEQ_PER_DECODE = 64
-# Tokenizing more text than this in one request (64 long documents) would stall the event
-# loop for other requests: it goes to a thread.
-TOKENIZE_IN_THREAD_CHARS = 4096
-T = TypeVar("T")
-
-
-async def tokenize_off_loop(n_chars: int, tokenize: Callable[[], T]) -> T:
-    return await asyncio.to_thread(tokenize) if n_chars > TOKENIZE_IN_THREAD_CHARS else tokenize()
-
-
-def embedding_context(
-    model: LlamaModel, ms: ModelSettings, pooling: str, embeddings: bool = True
-) -> LlamaContext:
-    """A context that decodes whole sequences of up to `seq_limit(model, ms)` tokens, many per call."""
-    size = context_size(ms, model.n_ctx_train)
-    n_batch = size.n_batch
-    threads = ms.n_threads or usable_cpus()
-    params = ContextParams(
-        n_ctx=size.n_ctx,
-        n_batch=n_batch,
-        n_ubatch=n_batch,
-        n_seq_max=max(1, min(ms.parallel, MAX_SEQ_PER_DECODE)),
-        n_threads=threads,
-        n_threads_batch=ms.n_threads_batch or threads,
-        embeddings=embeddings,
-        pooling=pooling,
-        flash_attn=ms.flash_attn,
-        type_k=ms.cache_type_k,
-        type_v=ms.cache_type_v,
-        kv_unified=True,
-    )
-    return LlamaContext(model, params)
-
-
-def seq_limit(model: LlamaModel, ms: ModelSettings) -> int:
-    """The longest sequence (in tokens, specials included) one input may have."""
-    return context_size(ms, model.n_ctx_train).n_ctx_seq
-
-
-@dataclass(eq=False)
-class _Job:
-    seqs: list[list[int]]
-    deliver: Callable[[list[Vector] | BaseException], None]
-    results: list[Vector | None] = field(default_factory=list)
-    remaining: int = 0
-    finished: bool = False  # delivered, failed or abandoned by its caller
-
-    def __post_init__(self) -> None:
-        self.results = [None] * len(self.seqs)
-        self.remaining = len(self.seqs)
-
-
-class SequenceBatcher:
-    """One thread, one context: whole sequences from any number of requests, packed into decodes.
-
-    Each decode takes up to n_batch tokens and n_seq_max sequences, first come first served
-    (with a short look-ahead so a long sequence does not leave the batch half empty).
-    """
-
-    def __init__(
-        self, ctx: LlamaContext, readout: Readout, name: str, max_queue: int, pack_tokens: int
-    ) -> None:
-        self.ctx = ctx
-        self.readout = readout
-        self.name = name
-        self.n_batch = ctx.params.n_batch
-        # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
-        self.pack_tokens = min(pack_tokens, self.n_batch)
-        self.n_seq_max = ctx.params.n_seq_max
-        self.max_pending = max(1, max_queue + self.n_seq_max)  # requests, queued or running
-        self._batch = Batch(self.n_batch, 1)
-        self._all_outputs = ctx.params.embeddings  # llama.cpp outputs every token when pooling anyway
-        self._pending: deque[tuple[_Job, int]] = deque()
-        self._jobs = 0
-        self._cv = threading.Condition()
-        self._stopping = False
-        self.n_requests = 0
-        self.n_sequences = 0
-        self.n_tokens = 0
-        self.n_decodes = 0
-        self.decode_s = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"embedder-{name}", daemon=True)
-        self._thread.start()
-
-    # --- event loop side --------------------------------------------------------------------
-    async def run(self, seqs: list[list[int]]) -> list[Vector]:
-        """Decode every sequence (each at most n_batch tokens); results in input order."""
-        if not seqs:
-            return []
-        loop = asyncio.get_running_loop()
-        fut: asyncio.Future[list[Vector]] = loop.create_future()
-
-        def settle(res: list[Vector] | BaseException) -> None:
-            if fut.done():
-                return
-            if isinstance(res, BaseException):
-                fut.set_exception(res)
-            else:
-                fut.set_result(res)
-
-        def deliver(res: list[Vector] | BaseException) -> None:
-            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
-                loop.call_soon_threadsafe(settle, res)
-
-        job = _Job(seqs, deliver)
-        with self._cv:
-            if self._stopping:
-                raise NotReady(f"model {self.name} is shutting down")
-            if self._jobs >= self.max_pending:
-                raise QueueFull(f"model {self.name} is busy: {self._jobs} requests in progress; retry later")
-            self._jobs += 1
-            self.n_requests += 1
-            self._pending.extend((job, i) for i in range(len(seqs)))
-            self._cv.notify()
-        try:
-            return await fut
-        finally:
-            self._end(job)  # a no-op when finished; drops what is left of an abandoned request
-
-    def stats(self) -> dict[str, float]:
-        return {
-            "requests": float(self.n_requests),
-            "sequences": float(self.n_sequences),
-            "tokens": float(self.n_tokens),
-            "decodes": float(self.n_decodes),
-            "decode_seconds": self.decode_s,
-            "pending_sequences": float(len(self._pending)),
-            "requests_in_progress": float(self._jobs),
-        }
-
-    def close(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout=30)
-        if not self._thread.is_alive():
-            self._batch.free()
-
-    # --- the worker thread ------------------------------------------------------------------
-    def _run(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopping and not self._pending:
-                    self._cv.wait()
-                if self._stopping:
-                    break
-                picked = self._pick()
-            if picked:
-                self._decode(picked)
-        with self._cv:
-            left = {id(j): j for j, _ in self._pending}
-            self._pending.clear()
-        for job in left.values():
-            self._fail(job, NotReady(f"model {self.name} is shutting down"))
-
-    def _pick(self) -> list[tuple[_Job, int]]:
-        """Called with the lock held: the sequences of the next decode."""
-        picked: list[tuple[_Job, int]] = []
-        kept: list[tuple[_Job, int]] = []
-        room = self.pack_tokens
-        scanned = 0
-        while self._pending and len(picked) < self.n_seq_max and scanned < 4 * self.n_seq_max:
-            job, i = self._pending.popleft()
-            if job.finished:
-                continue
-            scanned += 1
-            n = len(job.seqs[i])
-            if n <= room or not picked:
-                picked.append((job, i))
-                room -= n
-                if room <= 0:
-                    break
-            else:
-                kept.append((job, i))
-        self._pending.extendleft(reversed(kept))
-        return picked
-
-    def _decode(self, picked: list[tuple[_Job, int]]) -> None:
-        batch = self._batch
-        batch.clear()
-        last: list[int] = []
-        for seq_id, (job, i) in enumerate(picked):
-            tokens = job.seqs[i]
-            for pos, tok in enumerate(tokens):
-                batch.add(tok, pos, seq_id, self._all_outputs or pos == len(tokens) - 1)
-            last.append(batch.n_tokens - 1)
-        t0 = time.perf_counter()
-        try:
-            self.ctx.decode(batch)
-            outs = [self.readout(self.ctx, seq_id, last[seq_id]) for seq_id in range(len(picked))]
-        except Exception as e:
-            log.error("%s: decode of %d sequences failed: %s", self.name, len(picked), e)
-            err = EngineError(f"model {self.name} could not process this input ({type(e).__name__})")
-            for job, _ in picked:
-                self._fail(job, err)
-            return
-        finally:
-            for seq_id in range(len(picked)):
-                self.ctx.seq_rm(seq_id)
-        self.decode_s += time.perf_counter() - t0
-        self.n_decodes += 1
-        self.n_sequences += len(picked)
-        self.n_tokens += batch.n_tokens
-        for (job, i), out in zip(picked, outs, strict=True):
-            if job.finished:
-                continue
-            job.results[i] = out
-            job.remaining -= 1
-            if job.remaining == 0 and self._end(job):
-                job.deliver([r for r in job.results if r is not None])
-
-    def _fail(self, job: _Job, err: BaseException) -> None:
-        if self._end(job):
-            job.deliver(err)
-
-    def _end(self, job: _Job) -> bool:
-        """Mark a job finished (once); True for the call that did it."""
-        with self._cv:
-            if job.finished:
-                return False
-            job.finished = True
-            self._jobs -= 1
-            if job.remaining > 0 and self._pending:  # abandoned: drop its queued sequences now
-                self._pending = deque(p for p in self._pending if p[0] is not job)
-            return True
 
 
 @dataclass
@@ -279,24 +34,6 @@ class EmbeddingResult:
 def l2_normalize(v: Vector) -> Vector:
     norm = float(np.linalg.norm(v))
     return (v / norm).astype(np.float32) if norm > 0 else v.astype(np.float32)
-
-
-class BatchedEngine:
-    """An engine whose decodes all go through one SequenceBatcher over its own context."""
-
-    batcher: SequenceBatcher
-    ctx: LlamaContext
-
-    def stats(self) -> dict[str, float]:
-        return self.batcher.stats()
-
-    def idle(self) -> bool:
-        """No request in progress (the registry's keep_alive unloads only idle engines)."""
-        return self.batcher.stats()["requests_in_progress"] == 0
-
-    def close(self) -> None:
-        self.batcher.close()
-        self.ctx.close()
 
 
 class Embedder(BatchedEngine):

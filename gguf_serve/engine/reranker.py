@@ -18,16 +18,15 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from gguf_serve.engine.embedder import (
+from gguf_serve.engine.batcher import (
     BatchedEngine,
-    Embedder,
     SequenceBatcher,
     Vector,
     embedding_context,
-    l2_normalize,
     seq_limit,
     tokenize_off_loop,
 )
+from gguf_serve.engine.embedder import Embedder, l2_normalize
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, fill, rerank_template
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
@@ -70,8 +69,8 @@ class Reranker:
     def idle(self) -> bool:
         return True
 
-    def close(self) -> None:
-        pass
+    def close(self) -> bool:
+        return True
 
 
 def check_request(query: str, documents: list[str]) -> None:
@@ -269,8 +268,8 @@ class EmbeddingScorer(Reranker):
     def stats(self) -> dict[str, float]:
         return {}  # the embedder reports under its own id
 
-    def close(self) -> None:
-        pass  # the embedder belongs to its own registry entry
+    def close(self) -> bool:
+        return True  # the embedder belongs to its own registry entry
 
 
 def make_reranker(
