@@ -147,10 +147,23 @@ class _Feature(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("value", ctypes.c_char_p)]
 
 
-def _libggml() -> ctypes.CDLL:
-    from llama_cpp import _ggml  # llama-cpp-python's own handle on libggml
+_libggml_handle: ctypes.CDLL | None = None
 
-    lib: ctypes.CDLL = _ggml.libggml
+
+def _libggml() -> ctypes.CDLL:
+    """The libggml that libllama itself uses (its registry is the one that counts).
+
+    A wheel unpacks libggml.so, .so.0 and .so.0.x as three copies, and dlopen by path loads a
+    second instance of whichever one libllama did not take (llama-cpp-python's own `_ggml` handle
+    opens libggml.so; libllama's NEEDED is libggml.so.0). A backend registered there is invisible
+    to libllama, which then searches for backends itself. So open the soname libllama resolved.
+    """
+    global _libggml_handle
+    if _libggml_handle is None:
+        lib_dir = backend_lib_dir()
+        path = next((p for p in (lib_dir / "libggml.so.0", lib_dir / "libggml.so") if p.exists()), None)
+        _libggml_handle = ctypes.CDLL(str(path) if path else "libggml.so.0")
+    lib = _libggml_handle
     lib.ggml_backend_load.argtypes = [ctypes.c_char_p]
     lib.ggml_backend_load.restype = ctypes.c_void_p
     lib.ggml_backend_reg_count.restype = ctypes.c_size_t
