@@ -146,3 +146,15 @@ def test_n_ubatch_defaults_per_role() -> None:
     # embedding/rerank: tokens packed into one decode, the whole n_batch unless set lower
     assert ModelSettings(id="e", role="embedding", file="x", n_batch=8192).ubatch == 8192
     assert ModelSettings(id="r", role="rerank", file="x", n_batch=8192, n_ubatch=2048).ubatch == 2048
+
+
+def test_sampling_defaults_are_declared_once() -> None:
+    import dataclasses
+
+    from gguf_serve.engine.requests import SamplingParams
+    from gguf_serve.settings import SamplingDefaults
+
+    engine_defaults = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    for name, value in SamplingDefaults().model_dump().items():
+        if name in engine_defaults:
+            assert engine_defaults[name] == value, name

@@ -256,12 +256,6 @@ class LlamaContext:
             raise DecodeError(f"no pooled embedding for sequence {seq_id}")
         return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
 
-    def token_embedding(self, i: int, n: int) -> npt.NDArray[np.float32]:
-        ptr = llama.llama_get_embeddings_ith(self.ptr, i)
-        if not ptr:
-            raise DecodeError(f"no embedding for batch index {i}")
-        return np.ctypeslib.as_array(ptr, shape=(n,)).copy()
-
     def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> bool:
         return bool(llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 

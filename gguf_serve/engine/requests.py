@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from gguf_serve.settings import SamplingDefaults
+
 FinishReason = Literal["stop", "length", "tool_calls", "cancelled", "error"]
 
 
@@ -52,16 +54,19 @@ class NotReady(EngineError):
     code = "model_not_ready"
 
 
+_DEFAULTS = SamplingDefaults()  # settings.py declares each sampling default, once
+
+
 @dataclass
 class SamplingParams:
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    penalty_last_n: int = 64
+    temperature: float = _DEFAULTS.temperature
+    top_p: float = _DEFAULTS.top_p
+    top_k: int = _DEFAULTS.top_k
+    min_p: float = _DEFAULTS.min_p
+    repeat_penalty: float = _DEFAULTS.repeat_penalty
+    presence_penalty: float = _DEFAULTS.presence_penalty
+    frequency_penalty: float = _DEFAULTS.frequency_penalty
+    penalty_last_n: int = _DEFAULTS.penalty_last_n
     seed: int | None = None
     logit_bias: dict[int, float] = field(default_factory=dict)
     grammar: str | None = None  # GBNF, root rule "root"
