@@ -240,6 +240,9 @@ class Limits(BaseModel):
     max_tokens_cap: int | None = Field(None, ge=1, description="upper bound on max_tokens; None: n_ctx")
     request_timeout_s: float = Field(600.0, gt=0)
     max_queue: int = Field(64, ge=0, description="waiting requests per model beyond busy slots")
+    max_n: int = Field(
+        8, ge=1, description="most choices (OpenAI's n) per request; also at most the model's parallel slots"
+    )
 
 
 class TEISettings(BaseModel):

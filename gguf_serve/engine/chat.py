@@ -147,6 +147,10 @@ class ChatEngine:
     # --- generation ---------------------------------------------------------------------------
     def start_chat(self, req: ChatRequest) -> ChatStream:
         """Render, tokenize and queue now (errors raise here); stream the answer later."""
+        return self.start_chats(req, 1)[0]
+
+    def start_chats(self, req: ChatRequest, n: int) -> list[ChatStream]:
+        """OpenAI's n: `n` answers to one prompt, which is prefilled once."""
         prompt = self.render(req)
         tokens = self.tokenize_prompt(prompt)
         params = req.params
@@ -157,15 +161,20 @@ class ChatEngine:
         thinking = prompt.rstrip().endswith("<think>") or (
             req.continue_final_message and prompt.rfind("<think>") > prompt.rfind("</think>")
         )
-        reasoning = (
-            ReasoningParser(in_reasoning=thinking)
-            if self.settings.reasoning and req.parse_reasoning and params.grammar is None
-            else None
-        )
-        tools = ToolCallParser() if req.tools_enabled else None
-        return ChatStream(self.scheduler.start(tokens, params), reasoning, tools)
+        parse_reasoning = self.settings.reasoning and req.parse_reasoning and params.grammar is None
+        return [
+            ChatStream(
+                generation,
+                ReasoningParser(in_reasoning=thinking) if parse_reasoning else None,
+                ToolCallParser() if req.tools_enabled else None,
+            )
+            for generation in self.scheduler.start_n(tokens, params, n)
+        ]
 
     def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation:
+        return self.start_completions(prompt, params, 1)[0]
+
+    def start_completions(self, prompt: str | list[int], params: SamplingParams, n: int) -> list[Generation]:
         tokens = self.tokenize_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise InvalidRequest("prompt must not be empty", "prompt")
@@ -173,7 +182,7 @@ class ChatEngine:
         if bad:
             raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary", "prompt")
         compile_grammar(params)
-        return self.scheduler.start(tokens, params)
+        return self.scheduler.start_n(tokens, params, n)
 
     def stats(self) -> dict[str, float]:
         return self.scheduler.stats()

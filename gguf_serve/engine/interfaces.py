@@ -40,6 +40,13 @@ class ChatModel(Engine, Protocol):
 
     def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation: ...
 
+    # OpenAI's n: n answers to one prompt, which is prefilled once.
+    def start_chats(self, req: ChatRequest, n: int) -> list[ChatStream]: ...
+
+    def start_completions(
+        self, prompt: str | list[int], params: SamplingParams, n: int
+    ) -> list[Generation]: ...
+
 
 class EmbeddingModel(Engine, Protocol):
     @property

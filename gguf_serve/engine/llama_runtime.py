@@ -259,6 +259,10 @@ class LlamaContext:
     def seq_rm(self, seq_id: int, p0: int = 0, p1: int = -1) -> bool:
         return bool(llama.llama_memory_seq_rm(self.memory, seq_id, p0, p1))
 
+    def seq_cp(self, src: int, dst: int) -> None:
+        """Give `dst` all of `src`'s KV (between KV streams llama.cpp copies at the next decode)."""
+        llama.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def clear(self) -> None:
         llama.llama_memory_clear(self.memory, True)
 

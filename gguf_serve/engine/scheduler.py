@@ -21,7 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from gguf_serve.engine.requests import (
     Finished,
     FinishReason,
     GenerationEvent,
+    InvalidRequest,
     NotReady,
     QueueFull,
     SamplingParams,
@@ -53,6 +54,9 @@ class Job:
     # Built at submit time, so a bad grammar or logit bias is a 400 before anything is queued.
     sampler: SamplerChain
     cancelled: bool = False
+    # OpenAI's n > 1: the other choices of this request. They wait in slots of their own
+    # until this job's prompt is prefilled, then get a copy of its KV (one prefill for n).
+    forks: list[Job] = field(default_factory=list)
 
     def cancel(self) -> None:
         # A plain bool store is atomic under the GIL; the scheduler reads it each step.
@@ -98,6 +102,7 @@ class SlotState(enum.Enum):
     IDLE = "idle"
     PREFILL = "prefill"
     GENERATE = "generate"
+    FORK = "fork"  # a choice of n waiting for the KV of the prompt its first choice prefills
 
 
 @dataclass(eq=False)
@@ -115,6 +120,7 @@ class Slot:
     last_token: int = -1
     batch_index: int = -1  # where this slot's logits are in the current batch
     last_used: int = -1  # the scheduler's clock when a request last started or ended here
+    forks: list[Slot] = field(default_factory=list)  # FORK slots waiting for this one's prompt
 
 
 def _deliver(items: list[tuple[Job, GenerationEvent]]) -> None:
@@ -174,18 +180,37 @@ class ChatScheduler:
                 "max_tokens",
             )
 
-    def submit(self, prompt: list[int], params: SamplingParams) -> Job:
-        """Queue a request. Call from the event loop that will read its events."""
+    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
+        """Queue a request for `n` choices of one prompt. Call from the event loop that will
+        read their events. Choice i samples with seed + i (each its own random seed when
+        the request has none)."""
         self.check_fits(len(prompt), params.max_tokens)
-        sampler = SamplerChain(self.model, params)
-        job = Job(prompt, params, asyncio.get_running_loop(), asyncio.Queue(), sampler)
+        if not 1 <= n <= len(self.slots):
+            raise InvalidRequest(
+                f"n={n} is more than this model's {len(self.slots)} parallel slots (one per choice)", "n"
+            )
+        loop = asyncio.get_running_loop()
+        jobs: list[Job] = []
+        try:
+            for i in range(n):
+                seed = None if params.seed is None else params.seed + i
+                p = params if i == 0 else replace(params, seed=seed)
+                jobs.append(Job(prompt, p, loop, asyncio.Queue(), SamplerChain(self.model, p)))
+        except Exception:
+            for j in jobs:
+                j.sampler.free()
+            raise
+        job = jobs[0]
+        job.forks = jobs[1:]
         with self._cv:
             if self._stopping:
-                sampler.free()
+                for j in jobs:
+                    j.sampler.free()
                 raise NotReady(f"model {self.name} is shutting down")
             free = sum(1 for s in self.slots if s.job is None)
             if len(self._waiting) >= free + self.max_queue:
-                sampler.free()
+                for j in jobs:
+                    j.sampler.free()
                 raise QueueFull(
                     f"model {self.name} is busy: {len(self.slots)} slots in use and {len(self._waiting)} "
                     "requests waiting; retry later",
@@ -193,12 +218,16 @@ class ChatScheduler:
                 )
             self._waiting.append(job)
             self._cv.notify()
-        return job
+        return jobs
 
     def start(self, prompt: list[int], params: SamplingParams) -> Generation:
         """Queue a request (raising ContextOverflow/QueueFull now, before any response
         starts) and return the stream of its events. Call from the event loop."""
-        return Generation(self, self.submit(prompt, params))
+        return self.start_n(prompt, params, 1)[0]
+
+    def start_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[Generation]:
+        """`n` choices of one prompt, prefilled once: the streams of choice 0..n-1."""
+        return [Generation(self, job) for job in self.submit(prompt, params, n)]
 
     def wake(self) -> None:
         with self._cv:
@@ -266,8 +295,9 @@ class ChatScheduler:
             if s.job is not None:
                 self._finish(s, "cancelled")
         for job in self._waiting:
-            job.sampler.free()
-            self._emit(job, Finished("cancelled", len(job.prompt), 0))
+            for j in (job, *job.forks):
+                j.sampler.free()
+                self._emit(j, Finished("cancelled", len(j.prompt), 0))
         self._flush()
 
     def _emit(self, job: Job, ev: GenerationEvent) -> None:
@@ -291,6 +321,9 @@ class ChatScheduler:
                 for j in self._waiting:
                     if j.cancelled:
                         j.sampler.free()
+                        for f in j.forks:  # the choices of n go with the first one
+                            f.sampler.free()
+                            self._emit(f, Finished("cancelled", len(f.prompt), 0))
                 self._waiting = deque(j for j in self._waiting if not j.cancelled)
         for s in self.slots:
             if s.job is not None and s.job.cancelled:
@@ -302,10 +335,51 @@ class ChatScheduler:
             if not idle:
                 return
             with self._cv:
-                if not self._waiting:
+                # n choices start together, in n slots (first come, first served).
+                if not self._waiting or len(idle) < 1 + len(self._waiting[0].forks):
                     return
                 job = self._waiting.popleft()
-            self._start(self._choose_slot(idle, job.prompt), job)
+            slot = self._choose_slot(idle, job.prompt)
+            self._start(slot, job)
+            for fork in job.forks:
+                rest = [s for s in idle if s.job is None]
+                self._park(min(rest, key=lambda s: (bool(s.cached), s.last_used)), fork, slot)
+
+    def _park(self, slot: Slot, job: Job, first: Slot) -> None:
+        """A choice of n waits in `slot` for the KV of the prompt `first` prefills."""
+        cache = self.prompt_cache
+        if cache is not None and slot.cached and not cache.covers(slot.cached):
+            size = self.ctx.seq_state_size(slot.seq_id)
+            if cache.fits(size):
+                cache.put(list(slot.cached), self.ctx.seq_state(slot.seq_id))
+        self.ctx.seq_rm(slot.seq_id, 0, -1)
+        p = job.params
+        slot.cached = []
+        slot.job = job
+        slot.sampler = job.sampler
+        slot.stream = StopTextStream(p.stop)
+        slot.prompt_pos = len(job.prompt)
+        slot.n_cached_at_start = 0
+        slot.n_generated = 0
+        room = self.n_ctx_seq - len(job.prompt)
+        slot.max_new = min(p.max_tokens, room) if p.max_tokens is not None else room
+        slot.state = SlotState.FORK
+        slot.last_used = self._tick()
+        first.forks.append(slot)
+
+    def _fork(self, first: Slot) -> None:
+        """`first` has just prefilled its prompt: copy that KV to its waiting choices and
+        sample their first tokens from the same logits (each with its own sampler)."""
+        assert first.job is not None
+        for f in first.forks:
+            if f.state is not SlotState.FORK or f.job is None or f.job not in first.job.forks:
+                continue  # cancelled meanwhile
+            # Across KV streams llama.cpp copies the whole sequence at the next decode.
+            self.ctx.seq_cp(first.seq_id, f.seq_id)
+            f.cached = list(first.cached)
+            f.batch_index = first.batch_index
+            self._sample(f)
+        first.forks = []
 
     def _choose_slot(self, idle: list[Slot], prompt: list[int]) -> Slot:
         """llama-server's rule: the idle slot sharing the largest fraction of the prompt, if
@@ -425,6 +499,8 @@ class ChatScheduler:
 
     def _sample(self, s: Slot) -> None:
         assert s.job is not None and s.sampler is not None and s.stream is not None
+        if s.forks:
+            self._fork(s)
         p = s.job.params
         logprobs = self._logprobs(s.batch_index, p.top_logprobs) if p.logprobs else None
         token = s.sampler.sample(self.ctx.ptr, s.batch_index)
@@ -453,6 +529,10 @@ class ChatScheduler:
             if tail:
                 self._emit(job, TextChunk(tail, 0))
         self._emit(job, Finished(reason, len(job.prompt), s.n_generated, s.n_cached_at_start, error))
+        forks, s.forks = s.forks, []
+        for f in forks:  # choices still waiting for this prompt's KV never get it
+            if f.state is SlotState.FORK and f.job is not None and f.job in job.forks:
+                self._finish(f, "error" if reason == "error" else "cancelled", error)
         if s.sampler is not None:
             s.sampler.free()
         s.sampler = None

@@ -197,7 +197,7 @@ def test_unknown_model_is_404(client: openai.OpenAI) -> None:
             b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}',
             400,
         ),
-        (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "x"}], "n": 3}', 400),
+        (b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "x"}], "n": 50}', 400),
         (b'{"model": "all-minilm-l6-v2", "messages": [{"role": "user", "content": "x"}]}', 400),
         (
             b'{"model": "smollm2-135m-instruct", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"999999": 5}}',

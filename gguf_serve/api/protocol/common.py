@@ -47,8 +47,10 @@ class SamplingFields(BaseModel):
     def sampling_params(
         self, defaults: SamplingDefaults, limits: Limits, max_tokens: int | None, logprobs: int | None
     ) -> SamplingParams:
-        if self.n != 1:
-            raise InvalidRequest("only n=1 is supported", "n")
+        if self.n > limits.max_n:
+            raise InvalidRequest(
+                f"n={self.n} is more than this server's limit of {limits.max_n} choices", "n"
+            )
         if self.grammar is not None and self.json_schema is not None:
             raise InvalidRequest("send either grammar or json_schema, not both", "grammar")
         bias: dict[int, float] = {}

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -24,31 +26,45 @@ router = APIRouter()
 @router.post("/chat/completions", include_in_schema=False)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = await ServingContext.for_request(request, body.model, "chat")
-    chat = ctx.loaded.engine.start_chat(body.to_engine(ctx.loaded.settings, ctx.limits))
+    chats = ctx.loaded.engine.start_chats(body.to_engine(ctx.loaded.settings, ctx.limits), body.n)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        return EventSourceResponse(_stream(ctx, chat, rid, include_usage), sep="\n", ping=15)
-    return JSONResponse(await _collect(ctx, chat, rid))
+        return EventSourceResponse(_stream(ctx, chats, rid, include_usage), sep="\n", ping=15)
+    return JSONResponse(await _collect_all(ctx, chats, rid))
 
 
-async def _collect(ctx: ServingContext, chat: ChatStream, rid: str) -> dict[str, Any]:
+def _cancel_all(chats: list[ChatStream]) -> None:
+    for chat in chats:
+        chat.cancel()
+
+
+def _total_usage(fins: list[Finished]) -> dict[str, Any]:
+    """OpenAI counts the prompt once and the completion tokens of every choice."""
+    return usage(fins[0].prompt_tokens, sum(f.completion_tokens for f in fins), fins[0].cached_tokens)
+
+
+def _account(ctx: ServingContext, i: int, fin: Finished | None) -> Finished:
+    if fin is not None and i > 0:  # the n choices share one prefill: metrics count it once
+        fin = replace(fin, prompt_tokens=0, cached_tokens=0)
+    return ctx.finished(fin)
+
+
+async def _collect(ctx: ServingContext, chat: ChatStream) -> tuple[dict[str, Any], Any, Finished | None]:
     content: list[str] = []
     reasoning: list[str] = []
     calls: list[ToolCall] = []
     logprobs: list[TokenLogprob] = []
     fin: Finished | None = None
-    async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "chat completion"):
-        async for ev in chat:
-            if isinstance(ev, ChatDelta):
-                ctx.first_token()
-                content.append(ev.content)
-                reasoning.append(ev.reasoning)
-                calls.extend(ev.tool_calls)
-                logprobs.extend(ev.logprobs or [])
-            else:
-                fin = ev
-    fin = ctx.finished(fin)
+    async for ev in chat:
+        if isinstance(ev, ChatDelta):
+            ctx.first_token()
+            content.append(ev.content)
+            reasoning.append(ev.reasoning)
+            calls.extend(ev.tool_calls)
+            logprobs.extend(ev.logprobs or [])
+        else:
+            fin = ev
     message: dict[str, Any] = {
         "role": "assistant",
         "content": "".join(content) or (None if calls else ""),
@@ -57,44 +73,74 @@ async def _collect(ctx: ServingContext, chat: ChatStream, rid: str) -> dict[str,
         message["reasoning_content"] = "".join(reasoning)
     if calls:
         message["tool_calls"] = [{k: v for k, v in tool_call_json(c).items() if k != "index"} for c in calls]
+    return message, logprobs_json(logprobs) if logprobs else None, fin
+
+
+async def _collect_all(ctx: ServingContext, chats: list[ChatStream], rid: str) -> dict[str, Any]:
+    try:
+        async with Deadline(ctx.limits.request_timeout_s, lambda: _cancel_all(chats), "chat completion"):
+            results = await asyncio.gather(*(_collect(ctx, chat) for chat in chats))
+    finally:
+        _cancel_all(chats)  # a no-op for the finished ones
+    usage_of = [fin for _, _, fin in results]
+    choices = []
+    for i, (message, logprobs, fin) in enumerate(results):
+        done = _account(ctx, i, fin)
+        choices.append({"index": i, "message": message, "logprobs": logprobs, "finish_reason": done.reason})
     return {
         "id": rid,
         "object": "chat.completion",
         "created": ctx.created,
         "model": ctx.model_name,
-        "choices": [
-            {
-                "index": 0,
-                "message": message,
-                "logprobs": logprobs_json(logprobs) if logprobs else None,
-                "finish_reason": fin.reason,
-            }
-        ],
-        "usage": usage(fin.prompt_tokens, fin.completion_tokens, fin.cached_tokens),
+        "choices": choices,
+        "usage": _total_usage([f for f in usage_of if f is not None]),
     }
 
 
-async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage: bool) -> AsyncIterator[str]:
-    def chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+async def _stream(
+    ctx: ServingContext, chats: list[ChatStream], rid: str, include_usage: bool
+) -> AsyncIterator[str]:
+    """The n choices' deltas interleaved as they come, each chunk tagged with its index."""
+
+    def chunk(i: int, delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
         body: dict[str, Any] = {
             "id": rid,
             "object": "chat.completion.chunk",
             "created": ctx.created,
             "model": ctx.model_name,
-            "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
+            "choices": [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}],
         }
         if include_usage:
             body["usage"] = None
         return json.dumps(body, ensure_ascii=False)
 
-    fin: Finished | None = None
-    try:
-        yield chunk({"role": "assistant", "content": ""})
-        async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "chat completion"):
+    queue: asyncio.Queue[tuple[int, ChatDelta | Finished | None]] = asyncio.Queue()
+
+    async def pump(i: int, chat: ChatStream) -> None:
+        try:
             async for ev in chat:
+                await queue.put((i, ev))
+        finally:
+            queue.put_nowait((i, None))
+
+    tasks = [asyncio.create_task(pump(i, chat)) for i, chat in enumerate(chats)]
+    fins: dict[int, Finished] = {}
+    try:
+        for i in range(len(chats)):
+            yield chunk(i, {"role": "assistant", "content": ""})
+        async with Deadline(ctx.limits.request_timeout_s, lambda: _cancel_all(chats), "chat completion"):
+            seen: set[int] = set()
+            while len(seen) < len(chats):
+                i, ev = await queue.get()
+                if ev is None:
+                    if i not in seen:  # the stream ended without a finish reason
+                        _account(ctx, i, None)
+                    continue
                 if isinstance(ev, Finished):
-                    fin = ev
-                    break
+                    seen.add(i)
+                    fins[i] = ev
+                    yield chunk(i, {}, _account(ctx, i, replace(ev)).reason)
+                    continue
                 ctx.first_token()
                 delta: dict[str, Any] = {}
                 if ev.reasoning:
@@ -103,9 +149,7 @@ async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage
                     delta["content"] = ev.content
                 if ev.tool_calls:
                     delta["tool_calls"] = [tool_call_json(c) for c in ev.tool_calls]
-                yield chunk(delta, logprobs=logprobs_json(ev.logprobs) if ev.logprobs else None)
-        fin = ctx.finished(fin)
-        yield chunk({}, fin.reason)
+                yield chunk(i, delta, logprobs=logprobs_json(ev.logprobs) if ev.logprobs else None)
         if include_usage:
             body = {
                 "id": rid,
@@ -113,7 +157,7 @@ async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage
                 "created": ctx.created,
                 "model": ctx.model_name,
                 "choices": [],
-                "usage": usage(fin.prompt_tokens, fin.completion_tokens, fin.cached_tokens),
+                "usage": _total_usage([fins[i] for i in sorted(fins)]),
             }
             yield json.dumps(body)
         yield "[DONE]"
@@ -121,5 +165,7 @@ async def _stream(ctx: ServingContext, chat: ChatStream, rid: str, include_usage
         yield stream_error(e)
         yield "[DONE]"
     finally:
-        # Also when the client went away: the slot is freed at the scheduler's next step.
-        chat.cancel()
+        # Also when the client went away: the slots are freed at the scheduler's next step.
+        _cancel_all(chats)
+        for t in tasks:
+            t.cancel()

@@ -31,13 +31,14 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     gens: list[Generation] = []
     try:
         for prompt in body.prompts(ctx.limits.max_inputs):
-            gens.append(ctx.loaded.engine.start_completion(prompt, params_for()))
+            # n choices per prompt (one prefill each): choice index = prompt index * n + j
+            gens.extend(ctx.loaded.engine.start_completions(prompt, params_for(), body.n))
     except Exception:
         _cancel_all(gens)
         raise
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
-        return EventSourceResponse(_stream(ctx, gens, rid, body.include_usage), sep="\n", ping=15)
+        return EventSourceResponse(_stream(ctx, gens, rid, body.include_usage, body.n), sep="\n", ping=15)
     results = await asyncio.gather(*(_collect(ctx, g) for g in gens))
     choices = []
     total = [0, 0, 0]
@@ -50,9 +51,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
                 "finish_reason": fin.reason,
             }
         )
-        total[0] += fin.prompt_tokens
+        if i % body.n == 0:  # the choices of one prompt share its prefill: counted once
+            total[0] += fin.prompt_tokens
+            total[2] += fin.cached_tokens
         total[1] += fin.completion_tokens
-        total[2] += fin.cached_tokens
     return JSONResponse(
         {
             "id": rid,
@@ -86,7 +88,7 @@ def _cancel_all(gens: list[Generation]) -> None:
 
 
 async def _stream(
-    ctx: ServingContext, gens: list[Generation], rid: str, include_usage: bool
+    ctx: ServingContext, gens: list[Generation], rid: str, include_usage: bool, n: int = 1
 ) -> AsyncIterator[str]:
     # Several prompts stream interleaved, each chunk tagged with its choice index.
     queue: asyncio.Queue[tuple[int, TextChunk | Finished | None]] = asyncio.Queue()
@@ -126,9 +128,10 @@ async def _stream(
                     yield chunk(i, ev.text, None, lp)
                 else:
                     fin = ctx.finished(ev)
-                    totals[0] += fin.prompt_tokens
+                    if i % n == 0:
+                        totals[0] += fin.prompt_tokens
+                        totals[2] += fin.cached_tokens
                     totals[1] += fin.completion_tokens
-                    totals[2] += fin.cached_tokens
                     yield chunk(i, "", fin.reason)
         if include_usage:
             yield json.dumps(
