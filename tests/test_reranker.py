@@ -153,6 +153,21 @@ def test_bad_requests_and_limits(tiny_pair: Any) -> None:
         assert scorer.stats()["requests_in_progress"] == 0
 
 
+def test_raw_scores_are_the_relevance_logit_and_truncate_is_per_request(tiny_pair: Any) -> None:
+    # TEI's raw_scores: the logit before it becomes a probability, the same from the head as
+    # from the LM's yes/no logits.
+    _, head, causal = tiny_pair
+    a = run(head.score(QUERY, DOCS))
+    b = run(causal.score(QUERY, DOCS))
+    np.testing.assert_allclose(a.raw_scores, b.raw_scores, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(b.raw_scores, [np.log(p / (1 - p)) for p in b.scores], rtol=1e-4, atol=1e-4)
+    for scorer in (head, causal):  # the model refuses long pairs; a request may ask to cut them
+        with pytest.raises(ContextOverflow):
+            run(scorer.score(QUERY, ["word " * 600]))
+        res = run(scorer.score(QUERY, ["word " * 600], truncate=True))
+        assert 0 < res.prompt_tokens <= 512 and 0.0 <= res.scores[0] <= 1.0
+
+
 def test_truncate_cuts_the_document(tiny_pair: Any, work: Path) -> None:
     _, head, _ = tiny_pair
     model = head.model  # type: ignore[attr-defined]
