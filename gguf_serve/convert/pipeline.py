@@ -57,6 +57,87 @@ def _is_current(data: dict[str, Any], source: str, path: Path) -> bool:
     )
 
 
+@dataclass(frozen=True)
+class ConversionPlan:
+    """Step 1: what a conversion must produce, checked before anything is read or written."""
+
+    source: str
+    name: str
+    outtype: str  # what the checkpoint is written as (f16 | bf16 | f32)
+    base: Path  # models_dir/name/name-<OUTTYPE>.gguf, the file every quantization starts from
+    quants: tuple[tuple[str, Path], ...]  # (llama.cpp type, path) beyond the base
+
+    @property
+    def out_dir(self) -> Path:
+        return self.base.parent
+
+    @property
+    def base_type(self) -> str:
+        return self.outtype.upper()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.base, *(p for _, p in self.quants)]
+
+
+def plan_conversion(
+    source: str, name: str, quants: list[str], models_dir: Path, outtype: str = "f16"
+) -> ConversionPlan:
+    if not name or "/" in name or name.startswith("."):
+        raise ConvertError(f"invalid model name {name!r}: use a plain folder name such as Qwen3-4B")
+    outtype = outtype.lower()
+    if outtype not in OUTTYPES:
+        raise ConvertError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
+    types = [normalize_type(q) for q in quants]
+    extra = tuple(
+        (t, artifact_path(models_dir, name, t)) for t in dict.fromkeys(types) if t != outtype.upper()
+    )
+    return ConversionPlan(source, name, outtype, artifact_path(models_dir, name, outtype.upper()), extra)
+
+
+class _Recorder:
+    """Step 3: verify each built file and write it into the manifest at once, so an
+    interrupted run keeps what it finished."""
+
+    def __init__(
+        self,
+        plan: ConversionPlan,
+        data: dict[str, Any],
+        checkpoint: Path,
+        result: ModelResult,
+        verify: bool,
+        say: Callable[[str], None] | None,
+    ) -> None:
+        self.plan, self.data, self.checkpoint, self.result = plan, data, checkpoint, result
+        self.verify, self.say = verify, say
+        self.files: dict[str, Any] = data.setdefault("files", {})
+
+    def up_to_date(self, path: Path, type_name: str) -> None:
+        entry = self.files[path.name]
+        ver = (entry.get("verification") or {}).get("ok")
+        self.result.artifacts.append(Artifact(path, type_name, "up to date", ver, entry["size"]))
+
+    def record(self, path: Path, type_name: str, status: str, role: str) -> None:
+        ver: dict[str, Any] | None = None
+        if self.verify:
+            if self.say:
+                self.say(f"verify {path.name}")
+            ver = verify_gguf(path, self.checkpoint, role)
+            if not ver.get("loads") or not ver.get("run", {}).get("ok"):
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                self.files.pop(path.name, None)
+                manifest.save(self.plan.out_dir, self.data)
+                raise ConvertError(f"{path.name} failed verification: {ver.get('error') or ver.get('run')}")
+            if not ver["ok"]:
+                log.warning("%s: tokenization differs from the HF tokenizer: %s", path.name, ver["tokenizer"])
+        self.files[path.name] = manifest.file_entry(path, type_name, ver)
+        manifest.save(self.plan.out_dir, self.data)
+        self.result.artifacts.append(
+            Artifact(path, type_name, status, ver["ok"] if ver else None, self.files[path.name]["size"])
+        )
+
+
 def convert_model(
     source: str,
     name: str,
@@ -70,24 +151,16 @@ def convert_model(
     progress: bool = False,
     say: Callable[[str], None] | None = None,
 ) -> ModelResult:
-    """Build models_dir/name/name-<TYPE>.gguf for the outtype and every type in quants."""
-    if not name or "/" in name or name.startswith("."):
-        raise ConvertError(f"invalid model name {name!r}: use a plain folder name such as Qwen3-4B")
-    outtype = outtype.lower()
-    if outtype not in OUTTYPES:
-        raise ConvertError(f"unknown outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
-    base_type = outtype.upper()
-    types = [normalize_type(q) for q in quants] or [base_type]
-    out_dir = models_dir / name
-    data = manifest.load(out_dir)
-    base = artifact_path(models_dir, name, base_type)
-    wanted = [base] + [artifact_path(models_dir, name, t) for t in types if t != base_type]
+    """Build models_dir/name/name-<TYPE>.gguf for the outtype and every type in quants:
+    plan (names and paths), build (convert, then quantize), record (verify, manifest)."""
+    plan = plan_conversion(source, name, quants, models_dir, outtype)
+    data = manifest.load(plan.out_dir)
     result = ModelResult(name, str(data.get("role", role or "?")))
-    if not force and all(_is_current(data, source, p) for p in wanted):
-        for p in wanted:
-            entry = data["files"][p.name]
-            ver = (entry.get("verification") or {}).get("ok")
-            result.artifacts.append(Artifact(p, entry["type"], "up to date", ver, entry["size"]))
+    if not force and all(_is_current(data, source, p) for p in plan.paths):
+        done = _Recorder(plan, data, Path(), result, verify=False, say=None)
+        done.up_to_date(plan.base, plan.base_type)
+        for t, p in plan.quants:
+            done.up_to_date(p, t)
         return result
 
     resolved = resolve_checkpoint(source)
@@ -106,59 +179,39 @@ def convert_model(
             "source_files": fingerprint,
         }
     )
-    files: dict[str, Any] = data.setdefault("files", {})
-
-    def record(path: Path, type_name: str, status: str, the_role: str) -> None:
-        ver: dict[str, Any] | None = None
-        if verify:
-            if say:
-                say(f"verify {path.name}")
-            ver = verify_gguf(path, resolved.path, the_role)
-            if not ver.get("loads") or not ver.get("run", {}).get("ok"):
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-                files.pop(path.name, None)
-                manifest.save(out_dir, data)
-                raise ConvertError(f"{path.name} failed verification: {ver.get('error') or ver.get('run')}")
-            if not ver["ok"]:
-                log.warning("%s: tokenization differs from the HF tokenizer: %s", path.name, ver["tokenizer"])
-        files[path.name] = manifest.file_entry(path, type_name, ver)
-        manifest.save(out_dir, data)
-        result.artifacts.append(
-            Artifact(path, type_name, status, ver["ok"] if ver else None, files[path.name]["size"])
-        )
-
-    if force or not _is_current(data, source, base):
-        if say:
-            say(f"convert {resolved.path} -> {base}")
-        conv = convert_checkpoint(resolved.path, base, outtype, name=name, role=role, progress=progress)
-        data["role"], data["arch"] = conv.role, conv.arch
-        result.role = conv.role
-        record(base, base_type, "converted", conv.role)
-    else:
-        entry = files[base.name]
-        result.artifacts.append(
-            Artifact(
-                base, base_type, "up to date", (entry.get("verification") or {}).get("ok"), entry["size"]
-            )
-        )
-    the_role = str(data.get("role") or role or "chat")
-    result.role = the_role
-    for t in types:
-        if t == base_type:
-            continue
-        dst = artifact_path(models_dir, name, t)
-        if not force and _is_current(data, source, dst):
-            entry = files[dst.name]
-            result.artifacts.append(
-                Artifact(dst, t, "up to date", (entry.get("verification") or {}).get("ok"), entry["size"])
-            )
-            continue
-        if say:
-            say(f"quantize {base.name} -> {dst.name}")
-        quantize_gguf(base, dst, t, threads)
-        record(dst, t, "quantized", the_role)
+    rec = _Recorder(plan, data, resolved.path, result, verify, say)
+    _build_base(plan, rec, resolved.path, force, role, progress)
+    _build_quants(plan, rec, force, threads)
     return result
+
+
+def _build_base(
+    plan: ConversionPlan, rec: _Recorder, checkpoint: Path, force: bool, role: Role | None, progress: bool
+) -> None:
+    """Step 2a: the checkpoint, written as the outtype GGUF."""
+    if not force and _is_current(rec.data, plan.source, plan.base):
+        rec.up_to_date(plan.base, plan.base_type)
+    else:
+        if rec.say:
+            rec.say(f"convert {checkpoint} -> {plan.base}")
+        conv = convert_checkpoint(
+            checkpoint, plan.base, plan.outtype, name=plan.name, role=role, progress=progress
+        )
+        rec.data["role"], rec.data["arch"] = conv.role, conv.arch
+        rec.record(plan.base, plan.base_type, "converted", conv.role)
+    rec.result.role = str(rec.data.get("role") or role or "chat")
+
+
+def _build_quants(plan: ConversionPlan, rec: _Recorder, force: bool, threads: int | None) -> None:
+    """Step 2b: every other type, quantized from the base file."""
+    for t, dst in plan.quants:
+        if not force and _is_current(rec.data, plan.source, dst):
+            rec.up_to_date(dst, t)
+            continue
+        if rec.say:
+            rec.say(f"quantize {plan.base.name} -> {dst.name}")
+        quantize_gguf(plan.base, dst, t, threads)
+        rec.record(dst, t, "quantized", rec.result.role)
 
 
 def ensure_converted(source: str, name: str, quant: str, models_dir: Path) -> Path:
