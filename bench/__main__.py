@@ -1,4 +1,4 @@
-"""`make bench`: every benchmark in turn (chat, embeddings/rerank, conversion).
+"""`make bench`: every benchmark in turn (chat, RAG prompt reuse, embeddings/rerank, conversion).
 
 When `make llama-server` has built llama.cpp's C++ server from the same pinned sources, the chat
 and embedding benchmarks measure it in the same run as the reference.
@@ -15,6 +15,7 @@ reference = ["--llama-server", str(LLAMA_SERVER)] if LLAMA_SERVER.is_file() else
 
 for name, args in (
     ("bench.bench_chat", reference),
+    ("bench.bench_rag", reference),
     ("bench.bench_embed", reference),
     ("bench.bench_convert", []),
 ):

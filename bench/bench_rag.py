@@ -1,0 +1,317 @@
+"""RAG-shaped chat traffic: long retrieved passages, one shared system prompt, follow-ups.
+
+    .venv/bin/python -m bench.bench_rag [--passage-words 1300] [--followups 2] [--llama-server PATH]
+
+Two scenarios, each against gguf-serve (demo profile, 8 slots) and, when given, llama.cpp's
+llama-server on the same GGUF (-np 8, its defaults otherwise: host-RAM prompt cache on):
+
+- rag: N conversations (fewer, then more than the 8 slots), each a distinct ~1,500-token
+  passage after a shared system prompt. First every conversation's first question, then
+  M rounds of follow-ups, round robin, so each follow-up comes back after other users'.
+  Follow-ups ask a new question about the same passage (RAGFlow re-sends the passages).
+- multi-turn: conversations with each answer appended before the next question.
+
+Requests run one at a time, so TTFT is the prefill (or its reuse), not queueing. End-of-
+generation tokens are biased away so every answer has --max-tokens tokens on both servers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+from openai.types.chat import ChatCompletionMessageParam
+
+from bench.servers import BenchServer, llama_server
+from gguf_serve.engine.llama_runtime import LlamaModel, usable_cpus
+from tests.e2e.server import ServerProcess, demo_chat_gguf
+
+MODEL = "smollm2-135m-instruct"
+SLOTS = 8
+SYSTEM = (
+    "You are the assistant of a knowledge base. Answer the user's question using only the "
+    "passages below; say so when they do not contain the answer."
+)
+WORDS = [
+    "river",
+    "stone",
+    "market",
+    "lantern",
+    "harbor",
+    "copper",
+    "winter",
+    "orchard",
+    "signal",
+    "bridge",
+    "meadow",
+    "engine",
+    "glacier",
+    "violet",
+    "archive",
+    "compass",
+    "thunder",
+    "canyon",
+    "ribbon",
+    "saddle",
+    "marble",
+    "falcon",
+    "pepper",
+    "quartz",
+    "tunnel",
+    "village",
+    "ember",
+    "island",
+    "pillar",
+    "forest",
+    "beacon",
+    "mirror",
+    "cellar",
+    "anchor",
+    "willow",
+    "summit",
+    "prairie",
+]
+QUESTIONS = [
+    "What is the passage about?",
+    "Which word appears most often?",
+    "Name three places it mentions.",
+    "Summarise it in one sentence.",
+]
+
+
+def passage(seed: int, n_words: int) -> str:
+    rng = random.Random(seed)
+    sentences: list[str] = []
+    while sum(len(s.split()) for s in sentences) < n_words:
+        sentences.append(" ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 16))).capitalize() + ".")
+    return f"[Document {seed}]\n" + " ".join(sentences)
+
+
+def eog_bias(gguf: Path) -> dict[str, int]:
+    model = LlamaModel(gguf)
+    try:
+        return {str(t): -100 for t in range(model.n_vocab) if model.is_eog(t)}
+    finally:
+        model.close()
+
+
+@dataclass
+class Sample:
+    ttft: float
+    prompt_tokens: int
+    cached_tokens: int
+    answer: str
+    reusable: int = 0  # prompt tokens of this conversation's previous request
+
+
+@dataclass
+class Scenario:
+    name: str
+    first: list[Sample] = field(default_factory=list)
+    follow: list[Sample] = field(default_factory=list)
+    cache: dict[str, float] = field(default_factory=dict)
+    rss_mib: float = 0.0
+
+
+class Client:
+    def __init__(self, base: str, max_tokens: int, bias: dict[str, int]) -> None:
+        self.client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=600)
+        self.max_tokens = max_tokens
+        self.bias = bias
+
+    def ask(self, messages: list[ChatCompletionMessageParam]) -> Sample:
+        t0 = time.perf_counter()
+        ttft: float | None = None
+        parts: list[str] = []
+        usage: Any = None
+        stream = self.client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=self.max_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            logit_bias=self.bias,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                if ttft is None:
+                    ttft = time.perf_counter() - t0
+                parts.append(chunk.choices[0].delta.content)
+            if chunk.usage is not None:
+                usage = chunk.usage
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = int(getattr(details, "cached_tokens", 0) or 0)
+        return Sample(
+            ttft or time.perf_counter() - t0, usage.prompt_tokens if usage else 0, cached, "".join(parts)
+        )
+
+
+def rag(c: Client, n_conv: int, followups: int, n_words: int, seed: int) -> Scenario:
+    sc = Scenario(f"rag, {n_conv} conversations")
+    docs = [passage(seed + i, n_words) for i in range(n_conv)]
+
+    def msgs(i: int, q: int) -> list[ChatCompletionMessageParam]:
+        return [
+            {"role": "system", "content": SYSTEM},
+            {"role": "user", "content": f"{docs[i]}\n\nQuestion: {QUESTIONS[q % len(QUESTIONS)]}"},
+        ]
+
+    sc.first = [c.ask(msgs(i, 0)) for i in range(n_conv)]
+    last = list(sc.first)
+    for q in range(1, followups + 1):
+        for i in range(n_conv):
+            s = c.ask(msgs(i, q))
+            s.reusable, last[i] = last[i].prompt_tokens, s
+            sc.follow.append(s)
+    return sc
+
+
+def multi_turn(c: Client, n_conv: int, turns: int, n_words: int, seed: int) -> Scenario:
+    sc = Scenario(f"multi-turn, {n_conv} conversations")
+    convs: list[list[ChatCompletionMessageParam]] = [
+        [{"role": "system", "content": f"{SYSTEM}\n\n{passage(seed + i, n_words)}"}] for i in range(n_conv)
+    ]
+    last = [0] * n_conv
+    for t in range(turns):
+        for i, conv in enumerate(convs):
+            conv.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
+            s = c.ask(conv)
+            s.reusable, last[i] = last[i], s.prompt_tokens
+            conv.append({"role": "assistant", "content": s.answer})
+            (sc.first if t == 0 else sc.follow).append(s)
+    return sc
+
+
+def rss_mib(pid: int) -> float:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def cache_metrics(base: str) -> dict[str, float]:
+    """gguf-serve's prompt cache counters from /metrics (llama-server exports none)."""
+    try:
+        text = httpx.get(base + "/metrics", timeout=10).text
+    except httpx.HTTPError:
+        return {}
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith("gguf_serve_prompt_cache_") and f'model="{MODEL}"' in line:
+            name = line.split("{", 1)[0].removeprefix("gguf_serve_prompt_cache_").removesuffix("_total")
+            out[name] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+def run_server(
+    server: ServerProcess | BenchServer, args: argparse.Namespace, bias: dict[str, int]
+) -> list[Scenario]:
+    c = Client(server.base_url, args.max_tokens, bias)
+    c.ask([{"role": "user", "content": "warm up"}])
+    out: list[Scenario] = []
+    plans = [(n, "rag") for n in args.conversations] + [(args.multi_turn, "multi")]
+    for k, (n, kind) in enumerate(plans):
+        before = cache_metrics(server.base_url)
+        seed = 1000 * (k + 1)  # distinct passages per scenario: first questions are cold
+        if kind == "rag":
+            sc = rag(c, n, args.followups, args.passage_words, seed)
+        else:
+            sc = multi_turn(c, n, args.followups + 1, args.passage_words, seed)
+        after = cache_metrics(server.base_url)
+        sc.cache = {
+            k2: v - before.get(k2, 0.0) if k2 in ("hits", "misses", "restored_tokens") else v
+            for k2, v in after.items()
+        }
+        sc.rss_mib = rss_mib(server.proc.pid)
+        out.append(sc)
+        print(f"  {server_name(server)}: {sc.name} done", flush=True)
+    return out
+
+
+def server_name(server: ServerProcess | BenchServer) -> str:
+    return server.name if isinstance(server, BenchServer) else "gguf-serve"
+
+
+def report(name: str, scenarios: list[Scenario]) -> None:
+    print(f"\n{name}")
+    print(
+        "| scenario | prompt tokens | first TTFT p50 / p99 ms | follow-up TTFT p50 / p99 ms | "
+        "follow-up / first (p50) | follow-ups reusing >= 90% of the previous prompt | prompt cache hits / misses | cache RAM MiB | RSS MiB |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for sc in scenarios:
+        f = [s.ttft * 1000 for s in sc.first]
+        u = [s.ttft * 1000 for s in sc.follow]
+        reuse = sum(1 for s in sc.follow if s.cached_tokens >= 0.9 * s.reusable) / max(1, len(sc.follow))
+        ptoks = statistics.median(s.prompt_tokens for s in sc.first)
+        hm = f"{sc.cache['hits']:.0f} / {sc.cache['misses']:.0f}" if "hits" in sc.cache else "n/a"
+        ram = (
+            f"{sc.cache['bytes'] / 2**20:.0f} of {sc.cache['limit_bytes'] / 2**20:.0f}"
+            if "bytes" in sc.cache
+            else "n/a"
+        )
+        print(
+            f"| {sc.name} | {ptoks:.0f} | {pct(f, 0.5):.0f} / {pct(f, 0.99):.0f} | {pct(u, 0.5):.0f} / {pct(u, 0.99):.0f} "
+            f"| {pct(u, 0.5) / pct(f, 0.5):.3f} | {reuse:.0%} | {hm} | {ram} | {sc.rss_mib:.0f} |"
+        )
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--passage-words", type=int, default=1300, help="~1,500 tokens with the demo tokenizer")
+    ap.add_argument("--conversations", type=lambda s: [int(x) for x in s.split(",")], default=[4, 12])
+    ap.add_argument("--multi-turn", type=int, default=10, help="conversations in the multi-turn scenario")
+    ap.add_argument("--followups", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--profile", default="demo", help="a profile whose chat model is " + MODEL)
+    ap.add_argument("--llama-server", metavar="PATH", help="also measure llama.cpp's llama-server binary")
+    args = ap.parse_args()
+    load_before = os.getloadavg()[0]
+    bias = eog_bias(demo_chat_gguf())
+    servers: list[ServerProcess | BenchServer] = [ServerProcess(args.profile)]
+    if args.llama_server:
+        # the demo profile's 8 slots of 2048 tokens and batches; its prompt cache (--cache-ram) at its default
+        servers.append(
+            llama_server(
+                args.llama_server, demo_chat_gguf(), "-np", "8", "-c", "16384", "-b", "512", "-ub", "512"
+            )
+        )
+    results: list[tuple[str, list[Scenario]]] = []
+    try:
+        for server in servers:
+            server.wait_ready(600)
+        # One server at a time: each runs alone on the CPU, as a deployment would.
+        for server in servers:
+            results.append((server_name(server), run_server(server, args, bias)))
+    finally:
+        for server in servers:
+            server.stop()
+    print(
+        f"\nRAG chat, ~{args.passage_words}-word passages, {args.followups} follow-ups, {args.max_tokens} new tokens, "
+        f"greedy, SmolLM2-135M Q4_1, {usable_cpus()} CPUs ({platform.processor() or platform.machine()}), "
+        f"load average {load_before:.2f} before / {os.getloadavg()[0]:.2f} after"
+    )
+    for name, scenarios in results:
+        report(name, scenarios)
+
+
+if __name__ == "__main__":
+    main()
