@@ -43,8 +43,9 @@ KVCacheType = Literal["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q
 # A profile name is looked up in ./profiles, then in the profiles shipped inside the package.
 PROFILE_DIRS = (Path.cwd() / "profiles", Path(__file__).resolve().parent / "profiles")
 ENV_PREFIX = "GGUF_SERVE_"
-# GGUF_SERVE_* variables that are not server settings: `gguf-serve chat --api-key`.
-NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY"})
+# GGUF_SERVE_* variables that are not server settings: `gguf-serve chat --api-key`, and where
+# `make install` caches the llama.cpp wheel (scripts/llama_wheel.py). Add any new one here.
+NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY", "GGUF_SERVE_WHEEL_CACHE"})
 
 
 def machine_memory_bytes() -> int:

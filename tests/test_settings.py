@@ -105,8 +105,9 @@ def test_unknown_environment_variable_is_an_error(profile: Path, monkeypatch: py
     with pytest.raises(SettingsError, match=r"unknown setting limits\.max_queu \(did you mean max_queue\?\)"):
         load_settings(str(profile))
     monkeypatch.delenv("GGUF_SERVE_LIMITS__MAX_QUEU")
-    # The chat client's key is no server setting, but it is a known name.
+    # The chat client's key and the build's wheel cache are no server settings, but known names.
     monkeypatch.setenv("GGUF_SERVE_API_KEY", "k")
+    monkeypatch.setenv("GGUF_SERVE_WHEEL_CACHE", "/tmp/wheels")
     assert load_settings(str(profile)).api_keys == []
 
 
