@@ -120,8 +120,16 @@ def test_dockerignore_keeps_the_build_context_small() -> None:
     for entry in (".git", ".venv", "models", "*.gguf"):
         assert entry in ignored
     # what the Dockerfiles COPY must not be ignored
-    for needed in ("pyproject.toml", "README.md", "gguf_serve", "deploy", "scripts"):
+    for needed in ("pyproject.toml", "README.md", "gguf_serve", "deploy", "scripts", "profiles"):
         assert needed not in ignored
+
+
+def test_images_copy_what_the_wheel_links_to() -> None:
+    # gguf_serve/profiles is a link to ../profiles: an image without profiles/ ships a dangling link.
+    assert (ROOT / "gguf_serve" / "profiles").resolve() == (ROOT / "profiles").resolve()
+    for dockerfile in DOCKERFILES:
+        copies = instr(builder_stage(dockerfile), "COPY")
+        assert "profiles ./profiles" in copies, f"{dockerfile.name} does not copy profiles/"
 
 
 def test_probes_are_open_routes() -> None:
