@@ -80,6 +80,18 @@ def modelscope_cache_root() -> Path:
     return Path(os.path.expanduser(os.environ.get("MODELSCOPE_CACHE", "~/.cache/modelscope/hub")))
 
 
+def _snapshot(repo_root: Path) -> Path | None:
+    """modelscope_hub's layout (modelscope >= 1.3x): ORG--NAME/snapshots/REVISION/."""
+    snapshots = repo_root / "snapshots"
+    if not snapshots.is_dir():
+        return None
+    for default in ("master", "main"):
+        if (snapshots / default).is_dir():
+            return snapshots / default
+    found = sorted(p for p in snapshots.iterdir() if p.is_dir())
+    return found[0] if len(found) == 1 else None
+
+
 def _modelscope_cached(repo: str, cache_dir: Path | None) -> Path | None:
     root = cache_dir or modelscope_cache_root()
     org, _, name = repo.partition("/")
@@ -88,6 +100,12 @@ def _modelscope_cached(repo: str, cache_dir: Path | None) -> Path | None:
         for n in (name, name.replace(".", "___")):
             if (base / org / n).is_dir():
                 return base / org / n
+    # modelscope_hub downloads to $MODELSCOPE_CACHE (default ~/.cache/modelscope, no "hub")
+    roots = [root] if cache_dir or "MODELSCOPE_CACHE" in os.environ else [root, root.parent]
+    for r in roots:
+        snap = _snapshot(r / "models" / f"{org}--{name}")
+        if snap is not None:
+            return snap
     return None
 
 

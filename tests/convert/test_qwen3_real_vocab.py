@@ -117,7 +117,39 @@ def test_modelscope_itself_finds_the_cache(qwen3_cache: Path, monkeypatch: pytes
     monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
     for name in QWEN3_RECIPE_MODELS:
         repo = qc.MODELS[name].repo
-        assert Path(snapshot_download(repo, local_files_only=True)) == qc.modelscope_dir(qwen3_cache, repo)
+        got = snapshot_download(repo, local_files_only=True, cache_dir=str(qwen3_cache))
+        assert Path(got) == qc.modelscope_dir(qwen3_cache, repo)
+
+
+def test_modelscope_hub_snapshot_layout_resolves_offline(
+    qwen3_cache: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """modelscope_hub (behind modelscope >= 1.3x) downloads to ORG--NAME/snapshots/REV/."""
+    from modelscope.hub.snapshot_download import snapshot_download
+
+    from gguf_serve.convert.sources import resolve_checkpoint
+
+    repo = "Qwen/Qwen3-Embedding-0.6B"
+    want = qc.modelscope_dir(tmp_path, repo, layout="snapshots")
+    shutil.copytree(qc.modelscope_dir(qwen3_cache, repo), want)
+    monkeypatch.setenv("MODELSCOPE_CACHE", str(tmp_path))
+    monkeypatch.setenv("MODELSCOPE_ENDPOINT", "http://127.0.0.1:9")
+    # (modelscope reads MODELSCOPE_CACHE once per process: name the cache explicitly)
+    assert Path(snapshot_download(repo, local_files_only=True, cache_dir=str(tmp_path))) == want
+    assert resolve_checkpoint(f"modelscope:{repo}").path == want
+
+
+def test_real_shapes_are_the_published_parameter_counts() -> None:
+    def count(name: str) -> int:
+        spec = qc.MODELS[name]
+        return sum(int(np.prod(s)) for _, s in qc.tensor_shapes(spec, spec.dims))
+
+    assert count("Qwen3-4B-Instruct-2507") == 4_022_468_096  # "4.0B, 3.6B non-embedding"
+    assert count("Qwen3-4B-Instruct-2507") - 151936 * 2560 == 3_633_511_936
+    assert (
+        count("Qwen3-Embedding-0.6B") == count("Qwen3-Reranker-0.6B") == 595_776_512
+    )  # "0.6B, 0.44B non-emb."
+    assert count("Qwen3-Embedding-0.6B") - 151669 * 1024 == 440_467_456
 
 
 # --- make convert -----------------------------------------------------------------------------------
