@@ -123,6 +123,30 @@ def test_queue_full_then_served_once_there_is_room(model: LlamaModel) -> None:
         assert engine.close()
 
 
+def test_a_request_cancelled_while_it_waits_for_a_slot_still_ends(model: LlamaModel) -> None:
+    # The only slot is busy, so the second request waits; cancelled there, its reader must still
+    # get Finished("cancelled") (it hung forever before, e.g. when a loaded machine admitted late).
+    engine = make_engine(model, parallel=1, max_queue=1)
+    try:
+
+        async def cancel_waiting() -> Finished:
+            busy = engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
+            waiting = engine.start_completion("Hello", params())
+            waiting.cancel()
+            events = [ev async for ev in waiting]
+            busy.cancel()
+            async for _ in busy:
+                pass
+            assert len(events) == 1 and isinstance(events[0], Finished)
+            return events[0]
+
+        fin = asyncio.run(asyncio.wait_for(cancel_waiting(), timeout=60))
+        assert fin.reason == "cancelled" and fin.completion_tokens == 0
+        assert engine.idle()
+    finally:
+        assert engine.close()
+
+
 def test_a_failed_decode_ends_its_requests_with_an_error_and_the_model_serves_on(
     engine: ChatEngine,
 ) -> None:

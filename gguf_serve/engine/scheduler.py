@@ -320,8 +320,9 @@ class ChatScheduler:
             if any(j.cancelled for j in self._waiting):
                 for j in self._waiting:
                     if j.cancelled:
-                        j.sampler.free()
-                        for f in j.forks:  # the choices of n go with the first one
+                        # A request cancelled before it had a slot still ends with its Finished
+                        # event, or its reader waits forever; the choices of n go with it.
+                        for f in (j, *j.forks):
                             f.sampler.free()
                             self._emit(f, Finished("cancelled", len(f.prompt), 0))
                 self._waiting = deque(j for j in self._waiting if not j.cancelled)
