@@ -53,6 +53,10 @@ install: $(STAMP)
 # Reference models for tests (CPU torch lies on the machine's disk; test-only).
 $(TEST_STAMP): $(STAMP)
 	$(BIN)/pip install -q -e ".[dev,reference]"
+	# kubectl renders deploy/k8s for the schema tests (Debian's kubernetes-client); without root or apt they skip.
+	@command -v kubectl >/dev/null || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+		&& apt-get update -qq && apt-get install -y -qq kubernetes-client >/dev/null; } \
+		|| echo "kubectl is not installed: tests/test_k8s_schemas.py will skip"
 	touch $(TEST_STAMP)
 
 install-test: $(TEST_STAMP)
