@@ -109,6 +109,9 @@ def test_queue_full_then_served_once_there_is_room(model: LlamaModel) -> None:
 
         async def over_capacity() -> tuple[str, Finished]:
             busy = engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
+            # the scheduler thread admits it into the only slot; until then the slot looks free
+            slot = engine.scheduler.slots[0]
+            await asyncio.to_thread(wait_for, lambda: slot.job is not None)
             with pytest.raises(QueueFull, match="busy") as e:
                 engine.start_completion("Hello", params())
             assert e.value.status == 429 and e.value.retry_after_s > 0

@@ -154,7 +154,8 @@ def test_rerank_tei_shape_sorted_raw_scores_and_text(http: httpx.Client) -> None
     scored = {x["index"]: x["score"] for x in ranks}
     for x in raw:
         assert "text" not in x
-        assert abs((x["score"] + 1) / 2 - scored[x["index"]]) < 1e-5
+        # two requests, batched differently: equal up to float32 rounding of the pooled vectors
+        assert abs((x["score"] + 1) / 2 - scored[x["index"]]) < 1e-4
 
 
 def test_rerank_body_decides_the_shape_and_the_error_shape(http: httpx.Client) -> None:
