@@ -34,6 +34,7 @@ from openai.types.chat import ChatCompletionMessageParam
 from bench.servers import BenchServer, llama_server
 from gguf_serve.engine.llama_runtime import LlamaModel, usable_cpus
 from tests.e2e.server import ServerProcess, demo_chat_gguf
+from tests.fixtures import rag_text
 
 MODEL = "smollm2-135m-instruct"
 SLOTS = 8
@@ -42,30 +43,7 @@ SYSTEM = (
     "passages below; say so when they do not contain the answer."
 )
 WORDS = [
-    "river",
-    "stone",
-    "market",
-    "lantern",
-    "harbor",
-    "copper",
-    "winter",
-    "orchard",
-    "signal",
-    "bridge",
-    "meadow",
-    "engine",
-    "glacier",
-    "violet",
-    "archive",
-    "compass",
-    "thunder",
-    "canyon",
-    "ribbon",
-    "saddle",
-    "marble",
-    "falcon",
-    "pepper",
-    "quartz",
+    *rag_text.WORDS,
     "tunnel",
     "village",
     "ember",

@@ -8,7 +8,6 @@ whether a restored prefix gives the very continuation a fresh prefill gives.
 from __future__ import annotations
 
 import asyncio
-import random
 from collections.abc import Iterator
 
 import llama_cpp
@@ -21,39 +20,14 @@ from gguf_serve.engine.prompt_cache import PromptCache
 from gguf_serve.engine.requests import Finished, SamplingParams, TextChunk
 from gguf_serve.settings import Limits, ModelSettings
 from tests.e2e.server import demo_chat_gguf
+from tests.fixtures import rag_text
+from tests.fixtures.rag_text import WORDS
 
-WORDS = [
-    "river",
-    "stone",
-    "market",
-    "lantern",
-    "harbor",
-    "copper",
-    "winter",
-    "orchard",
-    "signal",
-    "bridge",
-    "meadow",
-    "engine",
-    "glacier",
-    "violet",
-    "archive",
-    "compass",
-    "thunder",
-    "canyon",
-    "ribbon",
-    "saddle",
-    "marble",
-    "falcon",
-    "pepper",
-    "quartz",
-]
 SYSTEM = "You answer questions about the passage below, briefly."
 
 
 def passage(i: int, n_words: int = 300) -> str:
-    rng = random.Random(i)
-    return f"Passage {i}: " + " ".join(rng.choice(WORDS) for _ in range(n_words))
+    return rag_text.passage(i, n_words)
 
 
 def greedy(max_tokens: int = 8) -> SamplingParams:

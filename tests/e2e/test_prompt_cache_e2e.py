@@ -4,48 +4,21 @@ its slot or from the host-RAM prompt cache, and /metrics must show the cache at 
 
 from __future__ import annotations
 
-import random
-
 import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
 
+from tests.fixtures import rag_text
+
 pytestmark = pytest.mark.e2e
 
 MODEL = "smollm2-135m-instruct"
 SLOTS = 8  # the demo profile's parallel
-WORDS = [
-    "river",
-    "stone",
-    "market",
-    "lantern",
-    "harbor",
-    "copper",
-    "winter",
-    "orchard",
-    "signal",
-    "bridge",
-    "meadow",
-    "engine",
-    "glacier",
-    "violet",
-    "archive",
-    "compass",
-    "thunder",
-    "canyon",
-    "ribbon",
-    "saddle",
-    "marble",
-    "falcon",
-    "pepper",
-    "quartz",
-]
 
 
 def passage(i: int, n_words: int = 400) -> str:
-    rng = random.Random(1000 + i)
-    return f"Passage {i}: " + " ".join(rng.choice(WORDS) for _ in range(n_words))
+    return rag_text.passage(i, n_words, seed=1000 + i)
 
 
 def metric(text: str, name: str) -> float:
