@@ -2,28 +2,19 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import sys
 import tomllib
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from tests.fixtures.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("llama_wheel", ROOT / "scripts" / "llama_wheel.py")
-    assert spec and spec.loader
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["llama_wheel"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-lw = _load()
+lw = load_script("llama_wheel")
 
 
 def key(monkeypatch: pytest.MonkeyPatch, target: str, **kw: object) -> str:

@@ -6,7 +6,6 @@ venv's packages, so nothing is reinstalled); skipped where none was built yet.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,13 +17,10 @@ import pytest
 
 from gguf_serve.engine.llama_backend import read_cpu
 from tests.e2e.server import demo_chat_gguf
+from tests.fixtures.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
-spec = importlib.util.spec_from_file_location("llama_wheel", ROOT / "scripts" / "llama_wheel.py")
-assert spec and spec.loader
-lw = importlib.util.module_from_spec(spec)
-sys.modules["llama_wheel"] = lw
-spec.loader.exec_module(lw)
+lw = load_script("llama_wheel")
 
 
 def portable_wheel() -> Path | None:
