@@ -102,7 +102,8 @@ def _all_logits(model: LlamaModel, sequences: list[list[int]]) -> npt.NDArray[np
         ctx.close()
 
 
-def _compare(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> tuple[float, float, float]:
+def compare_logits(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> tuple[float, float, float]:
+    """(mean cosine, min cosine, argmax agreement) over positions (rows); NaN/inf anywhere: all 0."""
     a64, b64 = a.astype(np.float64), b.astype(np.float64)
     if not (np.isfinite(a64).all() and np.isfinite(b64).all()):
         return 0.0, 0.0, 0.0
@@ -120,11 +121,6 @@ def passes(mean_cosine: float, min_cosine: float, argmax_agreement: float) -> bo
     )
 
 
-def compare_logits(a: npt.NDArray[np.float32], b: npt.NDArray[np.float32]) -> tuple[float, float, float]:
-    """(mean cosine, min cosine, argmax agreement) over positions (rows); NaN/inf anywhere: all 0."""
-    return _compare(a, b)
-
-
 def check_file(path: Path) -> KernelCheckResult:
     info = init_backend()
     under_test = LlamaModel(path)  # the path the server takes on this machine
@@ -134,7 +130,7 @@ def check_file(path: Path) -> KernelCheckResult:
         weight_type = _FILE_TYPES.get(weight_type, weight_type)
         long, seqs = _prompts(under_test)
         results = [
-            _compare(_all_logits(under_test, shape), _all_logits(reference, shape))
+            compare_logits(_all_logits(under_test, shape), _all_logits(reference, shape))
             for shape in ([long], seqs)
         ]
     finally:
