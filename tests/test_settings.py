@@ -159,3 +159,45 @@ def test_sampling_defaults_are_declared_once() -> None:
     for name, value in SamplingDefaults().model_dump().items():
         if name in engine_defaults:
             assert engine_defaults[name] == value, name
+
+
+def test_a_model_file_is_built_from_a_recipes_source_and_quant() -> None:
+    ms = ModelSettings(id="e", file="x", source="pypi:pkg/model", quant="Q8_0")
+    assert (ms.source, ms.quant) == ("pypi:pkg/model", "Q8_0")
+    assert ModelSettings(id="e", file="x", source="hf:org/repo").quant == "F16"
+    # the recipe's list form, for an entry copied from convert/*.toml
+    assert ModelSettings(id="e", file="x", quant=["Q4_K_M"]).quant == "Q4_K_M"
+
+
+def test_legacy_convert_keys_map_with_a_warning(profile: Path, caplog: pytest.LogCaptureFixture) -> None:
+    profile.write_text(
+        PROFILE + '[[models]]\nid = "e"\nfile = "x"\nconvert_from = "pypi:pkg/model"\nconvert_quant = "F32"\n'
+    )
+    with caplog.at_level("WARNING", logger="gguf_serve.settings"):
+        ms = load_settings(str(profile)).models[1]
+    assert (ms.source, ms.quant) == ("pypi:pkg/model", "F32")
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("convert_from" in w and "source" in w for w in warned)
+    assert any("convert_quant" in w and "quant" in w for w in warned)
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        ('source = "pypi:a/b"\nconvert_from = "pypi:a/b"\n', "keep only source"),
+        ('quant = "F32"\nconvert_quant = "F32"\n', "keep only quant"),
+        ('quant = ["Q8_0", "Q4_K_M"]\n', "the one type"),
+    ],
+)
+def test_convert_keys_that_contradict_are_errors(profile: Path, extra: str, needle: str) -> None:
+    profile.write_text(PROFILE + '[[models]]\nid = "e"\nfile = "x"\n' + extra)
+    with pytest.raises(SettingsError) as e:
+        load_settings(str(profile))
+    msg = str(e.value)
+    assert msg.startswith("invalid setting models.1") and needle in msg and "\n" not in msg
+
+
+def test_a_near_miss_of_a_renamed_key_names_its_new_name(profile: Path) -> None:
+    profile.write_text(PROFILE + '[[models]]\nid = "e"\nfile = "x"\nconvert_fro = "pypi:a/b"\n')
+    with pytest.raises(SettingsError, match=r"convert_fro \(did you mean source\?\)"):
+        load_settings(str(profile))
