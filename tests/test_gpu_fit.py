@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 from gguf_serve.engine.context_size import ContextSize, context_size
-from gguf_serve.engine.gpu_fit import ModelFootprint, auto_layers, fit_layers
+from gguf_serve.engine.gpu_fit import ModelFootprint, auto_layers, fit_layers, kv_cache_bytes
 from gguf_serve.settings import ModelSettings
 
 GiB = 2**30
@@ -72,3 +72,18 @@ def test_auto_fit_counts_the_trained_context_for_n_ctx_zero() -> None:
     small = ModelFootprint([100 * 2**20] * 36, 300 * 2**20, 1024, n_ctx_train=32768)
     # an embedding model's cache is one batch (32,768 cells), not 64 of them
     assert auto_layers(small, emb, 16 * GiB) == 36
+
+
+def test_kv_cache_bytes_of_the_cpu_profile_models() -> None:
+    # Qwen3-4B: 36 layers, 8 KV heads x 128; the cpu profile's 4 slots of 8192 tokens, f16 K and V.
+    qwen3_4b = ModelFootprint([100 * 2**20] * 36, 0, 8 * 128, n_ctx_train=262144)
+    chat = ModelSettings(id="c", file="x.gguf", n_ctx=8192, parallel=4)
+    assert kv_cache_bytes(qwen3_4b, chat) == 8192 * 4 * 1024 * (2 + 2) * 36  # 4.5 GiB
+    q8 = ModelSettings(
+        id="c", file="x.gguf", n_ctx=8192, parallel=4, cache_type_k="q8_0", cache_type_v="q8_0"
+    )
+    assert kv_cache_bytes(qwen3_4b, q8) == int(8192 * 4 * 1024 * (34 / 32) * 2) * 36
+    # An embedding model's cache holds one batch, not one per `parallel`.
+    qwen3_06b = ModelFootprint([20 * 2**20] * 28, 0, 8 * 128, n_ctx_train=32768)
+    emb = ModelSettings(id="e", role="embedding", file="x.gguf", n_ctx=8192, n_batch=8192, parallel=16)
+    assert kv_cache_bytes(qwen3_06b, emb) == 8192 * 1024 * 4 * 28

@@ -67,12 +67,23 @@ def read_footprint(path: Path) -> ModelFootprint:
     )
 
 
+def kv_bytes_per_layer(fp: ModelFootprint, n_ctx_total: int, kv_type_k: str, kv_type_v: str) -> int:
+    """K and V of one layer for `n_ctx_total` cells: the one KV size formula."""
+    return int(n_ctx_total * fp.n_embd_kv * (KV_BYTES[kv_type_k] + KV_BYTES[kv_type_v]))
+
+
+def kv_cache_bytes(fp: ModelFootprint, ms: ModelSettings) -> int:
+    """The KV cache the engine allocates for `ms` (all layers, every slot)."""
+    n_ctx_total = context_size(ms, fp.n_ctx_train).n_ctx
+    return kv_bytes_per_layer(fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v) * len(fp.layer_bytes)
+
+
 def fit_layers(
     fp: ModelFootprint, n_ctx_total: int, kv_type_k: str, kv_type_v: str, free_bytes: int, reserve_bytes: int
 ) -> int:
     """The most blocks whose weights + KV cache fit in free memory, after a reserve for
     compute buffers; the output head goes with the last block, as llama.cpp does."""
-    kv_per_layer = int(n_ctx_total * fp.n_embd_kv * (KV_BYTES[kv_type_k] + KV_BYTES[kv_type_v]))
+    kv_per_layer = kv_bytes_per_layer(fp, n_ctx_total, kv_type_k, kv_type_v)
     budget = free_bytes - reserve_bytes
     n = 0
     for i, w in enumerate(fp.layer_bytes):

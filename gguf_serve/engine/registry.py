@@ -217,7 +217,7 @@ class ModelRegistry:
         path = self._files.get(ms.id)
         if path is None:
             raise ModelLoadError(f"model {ms.id!r}: no GGUF file was resolved for it")
-        from gguf_serve.engine.gpu_fit import choose_gpu_layers
+        from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
 
         n_gpu_layers = choose_gpu_layers(path, ms)
         model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
@@ -239,12 +239,15 @@ class ModelRegistry:
             model.close()
             raise
         log.info(
-            "model %s: %s, %d of %d layers on the GPU, %.0f MiB",
+            "model %s: %s, %d of %d layers on the GPU, %.0f MiB of weights, KV cache up to %.0f MiB (%s/%s)",
             ms.id,
             path.name,
             min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
             model.n_layer,
             model.size_bytes / 2**20,
+            kv_cache_bytes(read_footprint(path), ms) / 2**20,
+            ms.cache_type_k,
+            ms.cache_type_v,
         )
         return LoadedModel(with_model_sampling(ms, model.meta), engine, model, path)
 
