@@ -1,147 +1,119 @@
-"""Run a GGUF file in llama.cpp through the low-level llama_cpp bindings.
+"""Run a GGUF file in llama.cpp for verification and tests, on the engine's binding.
 
-Small, synchronous helpers for verification and tests: tokenize, logits of every position
-of one sequence, and pooled outputs (embeddings, or rank scores for rank-pooling models).
-The serving engine has its own runtime; this one only has to be exact, not fast.
+Small, synchronous helpers: logits of every position of one sequence, and pooled outputs
+(embeddings, or rank scores for rank-pooling models). Tokenize and metadata are the
+engine's LlamaModel methods. Unlike the serving engine, these only have to be exact, not
+fast: an F32 KV cache, no flash attention, one sequence per context.
 """
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import llama_cpp
 import numpy as np
+import numpy.typing as npt
 
 from gguf_serve.convert.errors import ConvertError
-from gguf_serve.engine.llama_backend import init_backend
+from gguf_serve.engine.llama_runtime import (
+    Batch,
+    ContextParams,
+    DecodeError,
+    LlamaContext,
+    LlamaModel,
+    ModelLoadError,
+    usable_cpus,
+)
+
+# Verification runs beside conversions and tests; more threads would not change a result.
+MAX_THREADS = 2
 
 
 @contextlib.contextmanager
-def load_model(path: Path, vocab_only: bool = False) -> Iterator[Any]:
-    # The serving engine's backend start-up: one log route, one CPU-variant and AMX decision.
-    backend = init_backend()
-    params = llama_cpp.llama_model_default_params()
-    params.vocab_only = vocab_only
-    params.use_extra_bufts = backend.extra_buffer_types
-    params.n_gpu_layers = 0
-    model = llama_cpp.llama_model_load_from_file(str(path).encode(), params)
-    if not model:
-        raise ConvertError(f"{path}: llama.cpp cannot load this file")
+def load_model(path: Path, vocab_only: bool = False) -> Iterator[LlamaModel]:
+    try:
+        model = LlamaModel(path, vocab_only=vocab_only)
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
     try:
         yield model
     finally:
-        llama_cpp.llama_model_free(model)
-
-
-def tokenize(model: Any, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-    vocab = llama_cpp.llama_model_get_vocab(model)
-    raw = text.encode("utf-8")
-    n_max = len(raw) + 16
-    buf = (llama_cpp.llama_token * n_max)()
-    n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, n_max, add_special, parse_special)
-    if n < 0:
-        n_max = -n
-        buf = (llama_cpp.llama_token * n_max)()
-        n = llama_cpp.llama_tokenize(vocab, raw, len(raw), buf, n_max, add_special, parse_special)
-    return list(buf[:n])
-
-
-def meta(model: Any, key: str) -> str | None:
-    buf = ctypes.create_string_buffer(4096)
-    n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, len(buf))
-    return buf.value.decode("utf-8", errors="replace") if n >= 0 else None
+        model.close()
 
 
 @contextlib.contextmanager
-def _context(model: Any, n_ctx: int, embeddings: bool, n_seq: int = 1, threads: int = 2) -> Iterator[Any]:
-    cparams = llama_cpp.llama_context_default_params()
-    cparams.n_ctx = n_ctx
-    cparams.n_batch = n_ctx
-    cparams.n_ubatch = n_ctx
-    cparams.n_seq_max = n_seq
-    cparams.n_threads = threads
-    cparams.n_threads_batch = threads
-    cparams.embeddings = embeddings
-    # an F32 KV cache: verification compares against float32 references
-    cparams.type_k = llama_cpp.GGML_TYPE_F32
-    cparams.type_v = llama_cpp.GGML_TYPE_F32
-    cparams.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-    ctx = llama_cpp.llama_init_from_model(model, cparams)
-    if not ctx:
-        raise ConvertError("llama.cpp cannot create a context for this model")
+def _context(model: LlamaModel, n_ctx: int, embeddings: bool) -> Iterator[LlamaContext]:
+    threads = min(MAX_THREADS, usable_cpus())
+    params = ContextParams(
+        n_ctx=n_ctx,
+        n_batch=n_ctx,
+        n_ubatch=n_ctx,
+        n_seq_max=1,
+        n_threads=threads,
+        n_threads_batch=threads,
+        embeddings=embeddings,
+        # an F32 KV cache: verification compares against float32 references
+        type_k="f32",
+        type_v="f32",
+        flash_attn=False,
+    )
+    try:
+        ctx = LlamaContext(model, params)
+    except ModelLoadError as e:
+        raise ConvertError(str(e)) from None
     try:
         yield ctx
     finally:
-        llama_cpp.llama_free(ctx)
+        ctx.close()
 
 
-def _batch(seqs: list[list[int]], all_logits: bool) -> Any:
-    n = sum(len(s) for s in seqs)
-    batch = llama_cpp.llama_batch_init(n, 0, max(1, len(seqs)))
-    i = 0
-    for sid, toks in enumerate(seqs):
-        for pos, t in enumerate(toks):
-            batch.token[i] = t
-            batch.pos[i] = pos
-            batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = sid
-            batch.logits[i] = all_logits or pos == len(toks) - 1
-            i += 1
-    batch.n_tokens = n
-    return batch
+@contextlib.contextmanager
+def _batch(tokens: list[int]) -> Iterator[Batch]:
+    """One sequence (id 0) with an output at every position."""
+    batch = Batch(max(1, len(tokens)))
+    try:
+        for pos, t in enumerate(tokens):
+            batch.add(t, pos, 0, logits=True)
+        yield batch
+    finally:
+        batch.free()
 
 
-def causal_logits(model: Any, tokens: list[int]) -> np.ndarray[Any, Any]:
+def causal_logits(model: LlamaModel, tokens: list[int]) -> npt.NDArray[np.float32]:
     """Logits at every position of one sequence: shape (len(tokens), n_vocab)."""
-    n_vocab = llama_cpp.llama_vocab_n_tokens(llama_cpp.llama_model_get_vocab(model))
-    with _context(model, max(32, len(tokens)), embeddings=False) as ctx:
-        batch = _batch([tokens], all_logits=True)
+    with _context(model, max(32, len(tokens)), embeddings=False) as ctx, _batch(tokens) as batch:
         try:
-            if llama_cpp.llama_decode(ctx, batch) != 0:
-                raise ConvertError("llama_decode failed")
-            out = np.empty((len(tokens), n_vocab), dtype=np.float32)
-            for i in range(len(tokens)):
-                ptr = llama_cpp.llama_get_logits_ith(ctx, i)
-                out[i] = np.ctypeslib.as_array(ptr, shape=(n_vocab,))
-        finally:
-            llama_cpp.llama_batch_free(batch)
+            ctx.decode(batch)
+        except DecodeError as e:
+            raise ConvertError(f"llama.cpp failed to run the model: {e}") from None
+        out = np.empty((len(tokens), model.n_vocab), dtype=np.float32)
+        for i in range(len(tokens)):
+            out[i] = ctx.logits(i)
     return out
 
 
-def pooled(model: Any, seqs: list[list[int]]) -> np.ndarray[Any, Any]:
+def pooled(model: LlamaModel, seqs: list[list[int]]) -> npt.NDArray[np.float32]:
     """The model's pooled output per sequence: an embedding, or rank scores (n_cls_out) for RANK pooling.
 
-    Sequences run one at a time (memory cleared between them): exactness over speed.
+    Sequences run one at a time (memory cleared between them): exactness over speed. Always a
+    decode, as the engine's embedder and reranker do (llama.cpp runs BERT-style encoders so).
     """
     n_ctx = max(32, max((len(s) for s in seqs), default=1))
+    dim = max(1, model.n_cls_out) if model.pooling_type == "rank" else model.n_embd
+    out = np.empty((len(seqs), dim), dtype=np.float32)
     with _context(model, n_ctx, embeddings=True) as ctx:
-        ptype = llama_cpp.llama_pooling_type(ctx)
-        if ptype == llama_cpp.LLAMA_POOLING_TYPE_RANK:
-            dim = max(1, llama_cpp.llama_model_n_cls_out(model))
-        else:
-            dim = llama_cpp.llama_model_n_embd(model)
-        encoder_only = llama_cpp.llama_model_has_encoder(model) and not llama_cpp.llama_model_has_decoder(
-            model
-        )
-        out = np.empty((len(seqs), dim), dtype=np.float32)
         for i, toks in enumerate(seqs):
-            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
-            batch = _batch([toks], all_logits=True)
-            try:
-                run = llama_cpp.llama_encode if encoder_only else llama_cpp.llama_decode
-                rc = run(ctx, batch)
-                if rc != 0:
-                    raise ConvertError(f"llama.cpp failed to run the model (code {rc})")
-                ptr = llama_cpp.llama_get_embeddings_seq(ctx, 0)
-                if not ptr:
+            ctx.clear()
+            with _batch(toks) as batch:
+                try:
+                    ctx.decode(batch)
+                except DecodeError as e:
+                    raise ConvertError(f"llama.cpp failed to run the model: {e}") from None
+                try:
+                    out[i] = ctx.seq_embedding(0, dim)
+                except DecodeError:
                     raise ConvertError(
                         "llama.cpp returned no pooled output (is the file an embedding model?)"
-                    )
-                out[i] = np.ctypeslib.as_array(ptr, shape=(dim,))
-            finally:
-                llama_cpp.llama_batch_free(batch)
+                    ) from None
     return out

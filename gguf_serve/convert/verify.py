@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from gguf_serve.convert import runtime
 from gguf_serve.convert.errors import ConvertError
+from gguf_serve.engine.llama_runtime import LlamaModel
 
 VERIFY_TEXTS = [
     "Hello, world! This is a test of the tokenizer.",
@@ -31,7 +32,7 @@ def _special_text(tok_json: dict[str, Any]) -> str | None:
     return " x ".join(added) + " tail" if added else None
 
 
-def check_tokenizer(model: Any, model_dir: Path) -> dict[str, Any]:
+def check_tokenizer(model: LlamaModel, model_dir: Path) -> dict[str, Any]:
     tok_path = model_dir / "tokenizer.json"
     tok = Tokenizer.from_file(str(tok_path))
     tok.no_padding()  # sentence-transformers tokenizers often pad to a fixed length
@@ -43,14 +44,14 @@ def check_tokenizer(model: Any, model_dir: Path) -> dict[str, Any]:
     mismatches = []
     for text in texts:
         want = tok.encode(text).ids
-        got = runtime.tokenize(model, text, add_special=True, parse_special=True)
+        got = model.tokenize(text, add_special=True, parse_special=True)
         if want != got:
             mismatches.append(text[:40])
     return {"ok": not mismatches, "texts": len(texts), "mismatches": mismatches}
 
 
-def check_run(model: Any, role: str) -> dict[str, Any]:
-    toks = runtime.tokenize(model, "The capital of France is", add_special=True, parse_special=True)
+def check_run(model: LlamaModel, role: str) -> dict[str, Any]:
+    toks = model.tokenize("The capital of France is", add_special=True, parse_special=True)
     if role == "chat":
         out: list[int] = []
         seq = list(toks)

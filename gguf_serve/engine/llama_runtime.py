@@ -80,14 +80,17 @@ class LlamaModel:
         n_gpu_layers: int = 0,
         use_mmap: bool = True,
         extra_buffer_types: bool | None = None,
+        vocab_only: bool = False,
     ) -> None:
         """`extra_buffer_types`: None follows the backend's decision (see llama_backend);
-        False forces the plain kernels, the reference the kernel-path check compares with."""
+        False forces the plain kernels, the reference the kernel-path check compares with.
+        `vocab_only`: metadata and vocabulary without the weights (tokenizer checks)."""
         backend = init_backend()
         check_gguf_header(path)
         self.path = path
         params = llama.llama_model_default_params()
         params.n_gpu_layers = n_gpu_layers
+        params.vocab_only = vocab_only
         params.use_extra_bufts = (
             backend.extra_buffer_types if extra_buffer_types is None else extra_buffer_types
         )
@@ -106,6 +109,8 @@ class LlamaModel:
         self.n_layer = int(llama.llama_model_n_layer(ptr))
         self.size_bytes = int(llama.llama_model_size(ptr))
         self.has_encoder = bool(llama.llama_model_has_encoder(ptr))
+        # Outputs of a classifier head: a rank-pooling model's scores per sequence.
+        self.n_cls_out = int(llama.llama_model_n_cls_out(ptr))
         self.bos = int(llama.llama_vocab_bos(self.vocab))
         self.eos = int(llama.llama_vocab_eos(self.vocab))
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
@@ -137,9 +142,8 @@ class LlamaModel:
         return POOLING_NAMES.get(int(value), "none") if value is not None else "none"
 
     def classifier_labels(self) -> list[str]:
-        n = int(llama.llama_model_n_cls_out(self.ptr))
         out: list[str] = []
-        for i in range(n):
+        for i in range(self.n_cls_out):
             raw = llama.llama_model_cls_label(self.ptr, i)
             out.append(raw.decode("utf-8", "replace") if raw else str(i))
         return out

@@ -34,8 +34,8 @@ def test_minilm_f16_matches_sentence_transformers(minilm: Path):
     assert minilm.name == "all-MiniLM-L6-v2-F16.gguf"
     ref = st.SentenceTransformer(str(folder), device="cpu").encode(SENTENCES)
     with runtime.load_model(minilm) as model:
-        assert runtime.meta(model, "bert.pooling_type") == "1"  # mean
-        got = runtime.pooled(model, [runtime.tokenize(model, s) for s in SENTENCES])
+        assert model.meta("bert.pooling_type") == "1"  # mean
+        got = runtime.pooled(model, [model.tokenize(s) for s in SENTENCES])
     for a, b in zip(got, ref, strict=True):
         cos = float(a @ b / np.linalg.norm(a) / np.linalg.norm(b))
         assert cos >= 0.999

@@ -65,7 +65,7 @@ def test_causal_f32_logits_match_transformers(converted, tiny_checkpoint, kind, 
     with runtime.load_model(path) as model:
         for text in TEXTS:
             ids = _ids(folder, text)
-            assert runtime.tokenize(model, text) == ids
+            assert model.tokenize(text) == ids
             got = runtime.causal_logits(model, ids)
             want = _hf_logits(folder, ids)
             assert got.shape == want.shape
@@ -101,7 +101,7 @@ def test_qwen3_embedding_last_token_pooling(converted, tiny_checkpoint):
     assert "output.weight" not in _tensors(path)
     hf = AutoModel.from_pretrained(folder, dtype=torch.float32).eval()
     with runtime.load_model(path) as model:
-        seqs = [runtime.tokenize(model, t) for t in TEXTS]
+        seqs = [model.tokenize(t) for t in TEXTS]
         assert all(s[-1] == tok.token_to_id("<|endoftext|>") for s in seqs)
         got = runtime.pooled(model, seqs)
     for vec, ids in zip(got, seqs, strict=True):
@@ -127,7 +127,7 @@ def test_qwen3_reranker_rank_head(converted, tiny_checkpoint, kind):
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     yes, no = tok.token_to_id("yes"), tok.token_to_id("no")
     with runtime.load_model(path) as model:
-        seqs = [runtime.tokenize(model, t) for t in TEXTS]
+        seqs = [model.tokenize(t) for t in TEXTS]
         got = runtime.pooled(model, seqs)
     for scores, ids in zip(got, seqs, strict=True):
         logits = torch.tensor(_hf_logits(folder, ids)[-1])

@@ -288,7 +288,7 @@ def test_llama_cpp_tokenizes_like_hf(name: str, qwen3_convert: ConvertRun) -> No
     with runtime.load_model(qwen3_convert.gguf(name, "F16"), vocab_only=True) as model:
         for text in TEXTS:
             want = hf.encode(text).ids
-            got = runtime.tokenize(model, text, add_special=True, parse_special=True)
+            got = model.tokenize(text, add_special=True, parse_special=True)
             assert got == want, (name, text[:40])
             if qc.MODELS[name].role == "embedding":
                 assert got[-1] == eot  # EOS appended, as last-token pooling needs
@@ -296,4 +296,4 @@ def test_llama_cpp_tokenizes_like_hf(name: str, qwen3_convert: ConvertRun) -> No
                 assert eot not in got or "<|endoftext|>" in text
         # a long mixed document, as RAG chunks are
         doc = "\n\n".join(TEXTS) * 20
-        assert runtime.tokenize(model, doc) == hf.encode(doc).ids
+        assert model.tokenize(doc) == hf.encode(doc).ids
