@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import ctypes
-import os
 from pathlib import Path
 
 import llama_cpp
 
 from gguf_serve.convert.errors import ConvertError
 from gguf_serve.convert.writer import atomic_path
+from gguf_serve.engine.llama_backend import init_backend
+from gguf_serve.engine.llama_runtime import usable_cpus
 
 
 def quant_types() -> dict[str, int]:
@@ -40,9 +41,11 @@ def quantize_gguf(
     name = normalize_type(type_name)
     if not src.is_file():
         raise ConvertError(f"{src}: no such GGUF file to quantize")
+    init_backend()  # the one log route and CPU-variant choice, as for every other llama.cpp call
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = quant_types()[name]
-    params.nthread = threads or os.cpu_count() or 1
+    # the CPUs this process may use (a container's cgroup), not the host's count
+    params.nthread = threads or usable_cpus()
     params.allow_requantize = allow_requantize
     with atomic_path(dst) as tmp:
         rc = llama_cpp.llama_model_quantize(str(src).encode(), str(tmp).encode(), ctypes.byref(params))

@@ -108,7 +108,6 @@ class LlamaModel:
         self.n_embd = int(llama.llama_model_n_embd(ptr))
         self.n_layer = int(llama.llama_model_n_layer(ptr))
         self.size_bytes = int(llama.llama_model_size(ptr))
-        self.has_encoder = bool(llama.llama_model_has_encoder(ptr))
         # Outputs of a classifier head: a rank-pooling model's scores per sequence.
         self.n_cls_out = int(llama.llama_model_n_cls_out(ptr))
         self.bos = int(llama.llama_vocab_bos(self.vocab))
