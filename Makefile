@@ -28,7 +28,7 @@ TEST_STAMP := $(VENV)/.installed-test
 .PHONY: install install-test run test lint bench llama-server convert docker gpu-kit gpu-check clean help
 
 help:
-	@echo "make run | test | install | lint | bench | llama-server | convert [MODELS=a,b] | docker | gpu-kit | gpu-check"
+	@echo "make run | test | install | lint | bench [REAL=1] | llama-server | convert [MODELS=a,b] | docker | gpu-kit | gpu-check"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -73,7 +73,7 @@ lint: install
 	$(BIN)/mypy gguf_serve
 
 bench: install-test
-	$(BIN)/python -m bench
+	$(BIN)/python -m bench $(if $(REAL),--real)
 
 # llama.cpp's own C++ server, built from the same pinned sources as llama-cpp-python: the
 # reference that `make bench` measures beside ours when it exists (~20 minutes on 2 cores).
@@ -88,7 +88,7 @@ $(LLAMA_SERVER): | $(BIN)/python
 	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \
 		-DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON \
 		$(filter-out -DLLAVA_BUILD=OFF,$(shell $(LLAMA_WHEEL) cmake-args))
-	cmake --build build/llama.cpp --target llama-server -j
+	cmake --build build/llama.cpp --target llama-server -j$(shell nproc)
 
 llama-server: $(LLAMA_SERVER)
 

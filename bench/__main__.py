@@ -2,6 +2,9 @@
 
 When `make llama-server` has built llama.cpp's C++ server from the same pinned sources, the chat
 and embedding benchmarks measure it in the same run as the reference.
+
+`make bench REAL=1` (`python -m bench --real`) runs the real-scale benchmarks instead, on the
+cpu profile's Qwen3-shaped files (bench/bench_real.py, docs/real-scale-rehearsal.md).
 """
 
 from __future__ import annotations
@@ -13,12 +16,17 @@ from pathlib import Path
 LLAMA_SERVER = Path(__file__).resolve().parents[1] / "build" / "llama.cpp" / "bin" / "llama-server"
 reference = ["--llama-server", str(LLAMA_SERVER)] if LLAMA_SERVER.is_file() else []
 
-for name, args in (
-    ("bench.bench_chat", reference),
-    ("bench.bench_rag", reference),
-    ("bench.bench_embed", reference),
-    ("bench.bench_convert", []),
-):
+suite = (
+    [("bench.bench_real", reference)]
+    if "--real" in sys.argv[1:]
+    else [
+        ("bench.bench_chat", reference),
+        ("bench.bench_rag", reference),
+        ("bench.bench_embed", reference),
+        ("bench.bench_convert", []),
+    ]
+)
+for name, args in suite:
     if importlib.util.find_spec(name) is None:
         continue
     print(f"\n=== {name} {' '.join(args)}", flush=True)

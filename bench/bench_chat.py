@@ -68,7 +68,9 @@ def in_process(tokens: int) -> tuple[float, dict[int, float]]:
     return rate, bias
 
 
-async def http_streams(base: str, k: int, tokens: int, bias: dict[int, float]) -> tuple[float, list[float]]:
+async def http_streams(
+    base: str, k: int, tokens: int, bias: dict[int, float], model: str = MODEL
+) -> tuple[float, list[float]]:
     client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=600)
     ttfts: list[float] = []
 
@@ -77,7 +79,7 @@ async def http_streams(base: str, k: int, tokens: int, bias: dict[int, float]) -
         first = None
         n = 0
         stream = await client.chat.completions.create(
-            model=MODEL,
+            model=model,
             messages=[{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
             max_tokens=tokens,
             temperature=SAMPLING["temperature"],

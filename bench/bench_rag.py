@@ -101,8 +101,9 @@ class Scenario:
 
 
 class Client:
-    def __init__(self, base: str, max_tokens: int, bias: dict[str, int]) -> None:
-        self.client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=600)
+    def __init__(self, base: str, max_tokens: int, bias: dict[str, int], model: str = MODEL) -> None:
+        self.client = openai.OpenAI(base_url=base + "/v1", api_key="x", max_retries=0, timeout=1800)
+        self.model = model
         self.max_tokens = max_tokens
         self.bias = bias
 
@@ -112,7 +113,7 @@ class Client:
         parts: list[str] = []
         usage: Any = None
         stream = self.client.chat.completions.create(
-            model=MODEL,
+            model=self.model,
             messages=messages,
             max_tokens=self.max_tokens,
             temperature=0,
