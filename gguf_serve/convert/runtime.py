@@ -9,8 +9,9 @@ fast: an F32 KV cache, no flash attention, one sequence per context.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Protocol, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -30,20 +31,33 @@ from gguf_serve.engine.llama_runtime import (
 MAX_THREADS = 2
 
 
+class _Closable(Protocol):
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Closable)
+
+
 @contextlib.contextmanager
-def load_model(path: Path, vocab_only: bool = False) -> Iterator[LlamaModel]:
+def _opened(make: Callable[[], C]) -> Iterator[C]:
+    """A llama.cpp object made by `make`, closed on exit; a load failure is a ConvertError."""
     try:
-        model = LlamaModel(path, vocab_only=vocab_only)
+        obj = make()
     except ModelLoadError as e:
         raise ConvertError(str(e)) from None
     try:
-        yield model
+        yield obj
     finally:
-        model.close()
+        obj.close()
 
 
-@contextlib.contextmanager
-def _context(model: LlamaModel, n_ctx: int, embeddings: bool) -> Iterator[LlamaContext]:
+def load_model(path: Path, vocab_only: bool = False) -> contextlib.AbstractContextManager[LlamaModel]:
+    return _opened(lambda: LlamaModel(path, vocab_only=vocab_only))
+
+
+def _context(
+    model: LlamaModel, n_ctx: int, embeddings: bool
+) -> contextlib.AbstractContextManager[LlamaContext]:
     threads = min(MAX_THREADS, usable_cpus())
     params = ContextParams(
         n_ctx=n_ctx,
@@ -58,14 +72,7 @@ def _context(model: LlamaModel, n_ctx: int, embeddings: bool) -> Iterator[LlamaC
         type_v="f32",
         flash_attn=False,
     )
-    try:
-        ctx = LlamaContext(model, params)
-    except ModelLoadError as e:
-        raise ConvertError(str(e)) from None
-    try:
-        yield ctx
-    finally:
-        ctx.close()
+    return _opened(lambda: LlamaContext(model, params))
 
 
 @contextlib.contextmanager
