@@ -31,7 +31,7 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
-from bench.servers import BenchServer, llama_server
+from bench.servers import BenchServer, llama_server, rss_mib
 from gguf_serve.engine.llama_runtime import LlamaModel, usable_cpus
 from tests.e2e.server import ServerProcess, demo_chat_gguf
 from tests.fixtures import rag_text
@@ -169,16 +169,6 @@ def multi_turn(c: Client, n_conv: int, turns: int, n_words: int, seed: int) -> S
             conv.append({"role": "assistant", "content": s.answer})
             (sc.first if t == 0 else sc.follow).append(s)
     return sc
-
-
-def rss_mib(pid: int) -> float:
-    try:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def cache_metrics(base: str) -> dict[str, float]:

@@ -41,7 +41,7 @@ import httpx
 import llama_cpp
 
 from bench import bench_chat, bench_embed, bench_rag
-from bench.servers import BenchServer, llama_server
+from bench.servers import BenchServer, llama_server, rss_mib
 from gguf_serve.engine.llama_backend import read_cpu
 from gguf_serve.engine.llama_runtime import LlamaModel, usable_cpus
 from gguf_serve.engine.qwen3_prompts import fill, rerank_template
@@ -120,11 +120,28 @@ def words_for_tokens(path: Path, tokens: int, make: Callable[[int], str]) -> int
     return max(1, round(tokens / per_word))
 
 
-def rss_mib(pid: int, field: str = "VmRSS") -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) / 1024
-    return 0.0
+def chat_servers(args: argparse.Namespace, path: Path) -> list[ServerProcess | BenchServer]:
+    """Ours on the profile's chat entry and, when given, llama-server with that entry's slots,
+    per-slot context and batches (its prompt cache at its default)."""
+    servers: list[ServerProcess | BenchServer] = [ours([CHAT])]
+    if args.llama_server:
+        m = profile_models()[CHAT]
+        slots, n_batch = m["parallel"], m["n_batch"]
+        servers.append(
+            llama_server(
+                args.llama_server,
+                path,
+                "-np",
+                str(slots),
+                "-c",
+                str(m["n_ctx"] * slots),
+                "-b",
+                str(n_batch),
+                "-ub",
+                str(m.get("n_ubatch", n_batch)),
+            )
+        )
+    return servers
 
 
 # --- convert: each step per model, with its memory ---------------------------------------------
@@ -142,11 +159,8 @@ def measured(code: str) -> tuple[float, float, float]:
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     anon = file = 0.0
     while proc.poll() is None:
-        try:
-            anon = max(anon, rss_mib(proc.pid, "RssAnon"))
-            file = max(file, rss_mib(proc.pid, "RssFile"))
-        except OSError:
-            pass
+        anon = max(anon, rss_mib(proc.pid, "RssAnon"))
+        file = max(file, rss_mib(proc.pid, "RssFile"))
         time.sleep(0.2)
     if proc.returncode != 0:
         sys.exit(f"convert step failed ({proc.returncode}): {code}")
@@ -229,12 +243,7 @@ def serve(args: argparse.Namespace) -> list[str]:
 def decode(args: argparse.Namespace) -> list[str]:
     path = gguf(CHAT)
     bias = generation_bias(path)
-    servers: list[ServerProcess | BenchServer] = [ours([CHAT])]
-    if args.llama_server:
-        # the profile's 4 slots of 8192 tokens, its batches, prompt cache at llama-server's default
-        servers.append(
-            llama_server(args.llama_server, path, "-np", "4", "-c", "32768", "-b", "512", "-ub", "512")
-        )
+    servers = chat_servers(args, path)
     rates: dict[tuple[int, int], list[float]] = {}
     try:
         for s in servers:
@@ -267,11 +276,7 @@ def rag(args: argparse.Namespace) -> list[str]:
     path = gguf(CHAT)
     bias = {str(t): int(v) for t, v in generation_bias(path).items()}
     n_words = words_for_tokens(path, args.rag_tokens, lambda n: bench_rag.passage(0, n))
-    servers: list[ServerProcess | BenchServer] = [ours([CHAT])]
-    if args.llama_server:
-        servers.append(
-            llama_server(args.llama_server, path, "-np", "4", "-c", "32768", "-b", "512", "-ub", "512")
-        )
+    servers = chat_servers(args, path)
     cold: list[list[float]] = [[] for _ in servers]
     warm: list[list[float]] = [[] for _ in servers]
     cached: list[int] = []

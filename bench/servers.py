@@ -44,6 +44,17 @@ class BenchServer:
         Path(self.log.name).unlink(missing_ok=True)
 
 
+def rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """A /proc/PID/status memory field (VmRSS, VmHWM, RssAnon, RssFile) in MiB; 0 once it has exited."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
 def llama_server(binary: str, gguf: Path, *args: str) -> BenchServer:
     """llama.cpp's C++ llama-server on `gguf` with our thread count: the reference."""
     port = free_port()
