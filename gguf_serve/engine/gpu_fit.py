@@ -120,7 +120,7 @@ def free_gpu_memory() -> int | None:
         return None
 
 
-def choose_gpu_layers(path: Path, ms: ModelSettings) -> int:
+def choose_gpu_layers(fp: ModelFootprint, ms: ModelSettings) -> int:
     if ms.n_gpu_layers != "auto":
         return ALL_LAYERS if ms.n_gpu_layers < 0 else ms.n_gpu_layers
     if not llama.llama_supports_gpu_offload():
@@ -132,7 +132,6 @@ def choose_gpu_layers(path: Path, ms: ModelSettings) -> int:
             "model %s: n_gpu_layers=auto, but free GPU memory is unknown: offloading all layers", ms.id
         )
         return ALL_LAYERS
-    fp = read_footprint(path)
     n = auto_layers(fp, ms, free)
     log.info(
         "model %s: n_gpu_layers=auto -> %d of %d layers (%.1f GiB free, %.1f GiB of weights)",

@@ -219,7 +219,8 @@ class ModelRegistry:
             raise ModelLoadError(f"model {ms.id!r}: no GGUF file was resolved for it")
         from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
 
-        n_gpu_layers = choose_gpu_layers(path, ms)
+        footprint = read_footprint(path)  # header and tensor index only, read once for both uses
+        n_gpu_layers = choose_gpu_layers(footprint, ms)
         model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
         try:
             engine: AnyEngine
@@ -245,7 +246,7 @@ class ModelRegistry:
             min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
             model.n_layer,
             model.size_bytes / 2**20,
-            kv_cache_bytes(read_footprint(path), ms) / 2**20,
+            kv_cache_bytes(footprint, ms) / 2**20,
             ms.cache_type_k,
             ms.cache_type_v,
         )
