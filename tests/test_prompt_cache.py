@@ -16,7 +16,7 @@ import pytest
 
 from gguf_serve.engine.chat import ChatEngine
 from gguf_serve.engine.llama_runtime import Batch, ContextParams, LlamaContext, LlamaModel
-from gguf_serve.engine.prompt_cache import PromptCache
+from gguf_serve.engine.prompt_cache import MAX_SPARE_BUFFERS, CachedPrompt, PromptCache, buffer_capacity
 from gguf_serve.engine.requests import Finished, SamplingParams, TextChunk
 from gguf_serve.settings import Limits, ModelSettings
 from tests.e2e.server import demo_chat_gguf
@@ -106,36 +106,99 @@ def kv_matches_slots(eng: ChatEngine) -> None:
 
 
 # --- the cache's own bookkeeping (no weights) -----------------------------------------------
+STATE = 1_000_000  # bytes of a made-up state (buffer_capacity gives it 1.125 MiB)
+CAP = buffer_capacity(STATE)
+
+
+def save(c: PromptCache, tokens: list[int], size: int = STATE, keep: CachedPrompt | None = None) -> bool:
+    return c.save(tokens, size, lambda out: out.fill(tokens[-1] % 256), keep=keep)
+
+
+def consistent(c: PromptCache) -> None:
+    assert c.bytes == sum(e.nbytes for e in c.entries()) + c.spare_bytes <= c.limit_bytes
+    for e in c.entries():  # each entry still holds what its fill wrote
+        assert e.state.nbytes == STATE and (e.state == e.tokens[-1] % 256).all()
+
+
 def test_cache_keeps_longest_prefix_and_drops_what_a_new_entry_extends() -> None:
-    c = PromptCache(limit_bytes=10_000)
-    state = np.zeros(1000, dtype=np.uint8)
-    assert c.put([1, 2, 3], state)
+    c = PromptCache(limit_bytes=10 * CAP)
+    assert save(c, [1, 2, 3])
     assert c.covers([1, 2]) and c.covers([1, 2, 3]) and not c.covers([1, 2, 4])
-    assert c.put([1, 2, 3, 4, 5], state.copy())  # extends [1, 2, 3]: that one goes
-    assert len(c) == 1 and c.entries()[0].tokens.tolist() == [1, 2, 3, 4, 5]
-    assert c.put([7, 8], state.copy())
+    assert save(c, [1, 2, 3, 4, 5, 6, 7])  # extends [1, 2, 3]: that one goes
+    assert len(c) == 1 and c.entries()[0].tokens.tolist() == [1, 2, 3, 4, 5, 6, 7]
+    assert save(c, [7, 8])
     found = c.best([1, 2, 3, 9])
     assert found is not None and found[1] == 3 and found[0].tokens.tolist()[:3] == [1, 2, 3]
     assert c.best([6]) is None
-    c.used(found[0], 3)  # only part of it restored: it stays, now the most recently used
+    c.used(found[0], 3)  # under half of it restored (a shared system prompt): it stays, now the most recent
     assert len(c) == 2 and c.entries()[-1] is found[0]
-    c.used(found[0], 5)  # the slot holds all of it now
-    assert len(c) == 1 and c.hits == 2 and c.restored_tokens == 8
+    c.used(found[0], 4)  # the slot holds most of it now (a follow-up on the same passage)
+    assert len(c) == 1 and c.hits == 2 and c.restored_tokens == 7
+    consistent(c)
 
 
 def test_cache_evicts_least_recently_used_within_its_bound() -> None:
-    c = PromptCache(limit_bytes=3 * 1100)
+    c = PromptCache(limit_bytes=3 * CAP + 64)
     for i in range(5):
-        assert c.put([i, i], np.zeros(1000, dtype=np.uint8))
-        assert c.bytes <= c.limit_bytes
+        assert save(c, [i, i])
+        consistent(c)
     assert [e.tokens[0] for e in c.entries()] == [2, 3, 4] and c.evictions == 2
     found = c.best([2, 2, 9])
     assert found is not None
-    c.used(found[0], 1)  # [2, 2] is now the most recently used: [3, 3] goes next
-    c.put([5, 5], np.zeros(1000, dtype=np.uint8))
+    c.used(found[0], 0)  # [2, 2] is now the most recently used: [3, 3] goes next
+    save(c, [5, 5])
     assert [e.tokens[0] for e in c.entries()] == [4, 2, 5]
-    assert not c.put([9], np.zeros(4000, dtype=np.uint8))  # alone over the bound: not kept
+    assert not save(c, [9], size=4 * CAP)  # alone over the bound: not kept
     assert len(c) == 3
+    consistent(c)
+
+
+def test_saves_recycle_the_buffers_of_dropped_entries() -> None:
+    c = PromptCache(limit_bytes=10 * CAP)
+    save(c, [1, 1])
+    first = c.entries()[0].buffer
+    found = c.best([1, 1, 2])
+    assert found is not None
+    c.used(found[0], 2)  # back in a slot: its buffer waits for the next save
+    assert len(c) == 0 and c.spare_bytes == CAP and c.bytes == CAP
+    assert save(c, [2, 2], size=STATE + STATE // 10)  # a slightly longer state fits in it
+    assert c.entries()[0].buffer is first and c.spare_bytes == 0
+    assert c.bytes == CAP + c.entries()[0].tokens.nbytes
+    c.discard(c.entries()[0])
+    assert save(c, [3, 3], size=STATE // 4)  # far smaller: gets a buffer of its own size
+    assert c.entries()[0].buffer is not first and c.entries()[0].buffer.nbytes == buffer_capacity(STATE // 4)
+    assert c.spare_bytes == CAP
+    c.discard(c.entries()[0])
+    save(c, [4], size=3 * STATE)
+    big = c.entries()[0].buffer
+    c.discard(c.entries()[0])  # spares now: `first`, the small one, then `big`
+    assert save(c, [5], size=3 * STATE) and c.entries()[0].buffer is big
+    for i in range(MAX_SPARE_BUFFERS + 2):  # spare buffers are bounded in number
+        save(c, [10 + i], size=STATE * (i + 2))
+        c.discard(c.entries()[-1])
+    assert len(c._spare) <= MAX_SPARE_BUFFERS
+    assert c.bytes == sum(e.nbytes for e in c.entries()) + c.spare_bytes <= c.limit_bytes
+
+
+def test_a_save_never_overwrites_the_entry_about_to_be_restored() -> None:
+    c = PromptCache(limit_bytes=CAP + 64)  # room for one
+    save(c, [1, 1])
+    entry = c.entries()[0]
+    assert not save(c, [2, 2], keep=entry)  # no room without it: the save is skipped
+    assert c.entries() == [entry] and (entry.state == 1).all()
+    assert save(c, [2, 2])  # without `keep`, the oldest goes and its buffer is reused
+    assert c.entries()[0].buffer is entry.buffer and c.evictions == 1
+
+
+def test_a_failed_fill_gives_its_buffer_back() -> None:
+    c = PromptCache(limit_bytes=10 * CAP)
+
+    def broken(out: np.ndarray) -> None:
+        raise RuntimeError("llama_state_seq_get_data failed")
+
+    with pytest.raises(RuntimeError):
+        c.save([1, 2], STATE, broken)
+    assert len(c) == 0 and c.saves == 0 and c.bytes == c.spare_bytes == CAP
 
 
 # --- llama.cpp's sequence state, saved and restored -----------------------------------------
@@ -272,9 +335,9 @@ def test_cache_stays_within_its_byte_bound(model: LlamaModel, make_engine: list[
         assert cache.bytes <= cache.limit_bytes == 24 * 1024 * 1024
         if i > 0:  # the previous prompt was saved when this one took the only slot
             assert cache.entries()[-1].tokens.tolist()[: len(prompts[i - 1])] == prompts[i - 1]
-    # ~340 tokens x 23 KiB of f16 KV each: three fit, the oldest went
+    # ~340 tokens x 23 KiB of f16 KV each, in buffers 1/8 larger: two fit, the oldest went
     assert cache.saves == 7 and cache.evictions >= 1 and len(cache) >= 2
-    assert cache.bytes == sum(e.nbytes for e in cache.entries())
+    assert cache.bytes == sum(e.nbytes for e in cache.entries()) + cache.spare_bytes
     assert eng.stats()["prompt_cache_bytes"] == cache.bytes
     found = cache.best(prompts[0])
     assert found is None or found[1] < len(prompts[0]) // 2  # the oldest is gone

@@ -73,7 +73,14 @@ _ENGINE_GAUGES = {
     "kv_used_cells": ("kv_cache_used_cells", "KV cache cells in use"),
     "kv_total_cells": ("kv_cache_total_cells", "KV cache cells in the context"),
     "loaded": ("model_loaded", "1 when the model is loaded, 0 when not (lazy load or idle unload)"),
-    "prompt_cache_bytes": ("prompt_cache_bytes", "Host RAM held by the prompt cache's saved KV states"),
+    "prompt_cache_bytes": (
+        "prompt_cache_bytes",
+        "Host RAM held by the prompt cache: saved KV states and free buffers kept for the next saves",
+    ),
+    "prompt_cache_spare_bytes": (
+        "prompt_cache_spare_bytes",
+        "Part of prompt_cache_bytes held as free buffers (a save into touched memory skips page faults)",
+    ),
     "prompt_cache_limit_bytes": ("prompt_cache_limit_bytes", "The prompt cache's bound (prompt_cache_mib)"),
     "prompt_cache_entries": ("prompt_cache_entries", "Prompts (token prefixes) in the prompt cache"),
 }

@@ -273,10 +273,13 @@ class LlamaContext:
     def seq_state_size(self, seq_id: int) -> int:
         return int(llama.llama_state_seq_get_size(self.ptr, seq_id))
 
-    def seq_state(self, seq_id: int) -> npt.NDArray[np.uint8]:
-        """A copy of sequence `seq_id`'s KV state (uninitialised buffer, filled by llama.cpp)."""
+    def seq_state(self, seq_id: int, out: npt.NDArray[np.uint8] | None = None) -> npt.NDArray[np.uint8]:
+        """A copy of sequence `seq_id`'s KV state, written into `out` (exactly
+        seq_state_size bytes) or into a new buffer."""
         size = self.seq_state_size(seq_id)
-        buf = np.empty(size, dtype=np.uint8)
+        buf = np.empty(size, dtype=np.uint8) if out is None else out
+        if buf.nbytes != size or not buf.flags.c_contiguous:
+            raise ValueError(f"sequence {seq_id}'s state is {size} bytes, the buffer {buf.nbytes}")
         n = llama.llama_state_seq_get_data(
             self.ptr, buf.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), size, seq_id
         )

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from gguf_serve.engine.llama_runtime import Batch, DecodeError, LlamaContext, LlamaModel
-from gguf_serve.engine.prompt_cache import PromptCache, common_prefix_len
+from gguf_serve.engine.prompt_cache import CachedPrompt, PromptCache, common_prefix_len
 from gguf_serve.engine.requests import (
     ContextOverflow,
     Finished,
@@ -348,11 +348,7 @@ class ChatScheduler:
 
     def _park(self, slot: Slot, job: Job, first: Slot) -> None:
         """A choice of n waits in `slot` for the KV of the prompt `first` prefills."""
-        cache = self.prompt_cache
-        if cache is not None and slot.cached and not cache.covers(slot.cached):
-            size = self.ctx.seq_state_size(slot.seq_id)
-            if cache.fits(size):
-                cache.put(list(slot.cached), self.ctx.seq_state(slot.seq_id))
+        self._save(slot)
         self.ctx.seq_rm(slot.seq_id, 0, -1)
         p = job.params
         slot.cached = []
@@ -416,8 +412,8 @@ class ChatScheduler:
         # Save when most of the slot would be lost (llama-server's f_keep < 0.5): a follow-up
         # that keeps the passages and drops only the last question is not worth a copy.
         losing = bool(slot.cached) and (restore or keep < len(slot.cached) / 2)
-        if losing and not cache.covers(slot.cached) and cache.fits(self.ctx.seq_state_size(slot.seq_id)):
-            cache.put(list(slot.cached), self.ctx.seq_state(slot.seq_id))
+        if losing:
+            self._save(slot, keep=found[0] if found is not None and restore else None)
         if found is None or not restore:
             cache.misses += 1
             return keep
@@ -432,6 +428,16 @@ class ChatScheduler:
         keep = min(n_shared, len(prompt) - 1)
         cache.used(entry, keep)
         return keep
+
+    def _save(self, slot: Slot, keep: CachedPrompt | None = None) -> None:
+        """Copy what `slot` holds into the prompt cache before it is overwritten, unless an
+        entry holds it already or there is no room (`keep`, to be restored next, stays)."""
+        cache = self.prompt_cache
+        if cache is None or not slot.cached or cache.covers(slot.cached):
+            return
+        seq_id = slot.seq_id
+        size = self.ctx.seq_state_size(seq_id)
+        cache.save(slot.cached, size, lambda out: self.ctx.seq_state(seq_id, out), keep=keep)
 
     def _start(self, slot: Slot, job: Job) -> None:
         keep = self._reuse(slot, job.prompt)
