@@ -11,7 +11,8 @@ llama-server on the same GGUF (-np 8, its defaults otherwise: host-RAM prompt ca
   Follow-ups ask a new question about the same passage (RAGFlow re-sends the passages).
 - multi-turn: conversations with each answer appended before the next question.
 
-Requests run one at a time, so TTFT is the prefill (or its reuse), not queueing. End-of-
+Requests run one at a time, so TTFT is the prefill (or its reuse), not queueing; the servers
+take turns request by request, so a shared machine's drift falls on both alike. End-of-
 generation tokens are biased away so every answer has --max-tokens tokens on both servers.
 """
 
@@ -135,8 +136,10 @@ class Client:
         )
 
 
-def rag(c: Client, n_conv: int, followups: int, n_words: int, seed: int) -> Scenario:
-    sc = Scenario(f"rag, {n_conv} conversations")
+def rag(clients: list[Client], n_conv: int, followups: int, n_words: int, seed: int) -> list[Scenario]:
+    """One scenario on every server, request by request in turn, so the machine's drift
+    (this one is shared) falls on all of them alike."""
+    scs = [Scenario(f"rag, {n_conv} conversations") for _ in clients]
     docs = [passage(seed + i, n_words) for i in range(n_conv)]
 
     def msgs(i: int, q: int) -> list[ChatCompletionMessageParam]:
@@ -145,30 +148,37 @@ def rag(c: Client, n_conv: int, followups: int, n_words: int, seed: int) -> Scen
             {"role": "user", "content": f"{docs[i]}\n\nQuestion: {QUESTIONS[q % len(QUESTIONS)]}"},
         ]
 
-    sc.first = [c.ask(msgs(i, 0)) for i in range(n_conv)]
-    last = list(sc.first)
+    last: list[list[Sample]] = [[] for _ in clients]
+    for i in range(n_conv):
+        for c, sc, prev in zip(clients, scs, last, strict=True):
+            sc.first.append(c.ask(msgs(i, 0)))
+            prev.append(sc.first[-1])
     for q in range(1, followups + 1):
         for i in range(n_conv):
-            s = c.ask(msgs(i, q))
-            s.reusable, last[i] = last[i].prompt_tokens, s
-            sc.follow.append(s)
-    return sc
+            for c, sc, prev in zip(clients, scs, last, strict=True):
+                s = c.ask(msgs(i, q))
+                s.reusable, prev[i] = prev[i].prompt_tokens, s
+                sc.follow.append(s)
+    return scs
 
 
-def multi_turn(c: Client, n_conv: int, turns: int, n_words: int, seed: int) -> Scenario:
-    sc = Scenario(f"multi-turn, {n_conv} conversations")
-    convs: list[list[ChatCompletionMessageParam]] = [
-        [{"role": "system", "content": f"{SYSTEM}\n\n{passage(seed + i, n_words)}"}] for i in range(n_conv)
+def multi_turn(clients: list[Client], n_conv: int, turns: int, n_words: int, seed: int) -> list[Scenario]:
+    """Each server's conversations carry its own answers; requests alternate as in rag()."""
+    scs = [Scenario(f"multi-turn, {n_conv} conversations") for _ in clients]
+    convs: list[list[list[ChatCompletionMessageParam]]] = [
+        [[{"role": "system", "content": f"{SYSTEM}\n\n{passage(seed + i, n_words)}"}] for i in range(n_conv)]
+        for _ in clients
     ]
-    last = [0] * n_conv
+    last = [[0] * n_conv for _ in clients]
     for t in range(turns):
-        for i, conv in enumerate(convs):
-            conv.append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
-            s = c.ask(conv)
-            s.reusable, last[i] = last[i], s.prompt_tokens
-            conv.append({"role": "assistant", "content": s.answer})
-            (sc.first if t == 0 else sc.follow).append(s)
-    return sc
+        for i in range(n_conv):
+            for c, sc, conv, prev in zip(clients, scs, convs, last, strict=True):
+                conv[i].append({"role": "user", "content": QUESTIONS[t % len(QUESTIONS)]})
+                s = c.ask(conv[i])
+                s.reusable, prev[i] = prev[i], s.prompt_tokens
+                conv[i].append({"role": "assistant", "content": s.answer})
+                (sc.first if t == 0 else sc.follow).append(s)
+    return scs
 
 
 def cache_metrics(base: str) -> dict[str, float]:
@@ -190,28 +200,31 @@ def pct(xs: list[float], q: float) -> float:
     return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
 
 
-def run_server(
-    server: ServerProcess | BenchServer, args: argparse.Namespace, bias: dict[str, int]
-) -> list[Scenario]:
-    c = Client(server.base_url, args.max_tokens, bias)
-    c.ask([{"role": "user", "content": "warm up"}])
-    out: list[Scenario] = []
+def run_scenarios(
+    servers: list[ServerProcess | BenchServer], args: argparse.Namespace, bias: dict[str, int]
+) -> list[list[Scenario]]:
+    """Every scenario on every server; the result has one list of scenarios per server."""
+    clients = [Client(s.base_url, args.max_tokens, bias) for s in servers]
+    for c in clients:
+        c.ask([{"role": "user", "content": "warm up"}])
+    out: list[list[Scenario]] = [[] for _ in servers]
     plans = [(n, "rag") for n in args.conversations] + [(args.multi_turn, "multi")]
     for k, (n, kind) in enumerate(plans):
-        before = cache_metrics(server.base_url)
+        before = [cache_metrics(s.base_url) for s in servers]
         seed = 1000 * (k + 1)  # distinct passages per scenario: first questions are cold
         if kind == "rag":
-            sc = rag(c, n, args.followups, args.passage_words, seed)
+            scs = rag(clients, n, args.followups, args.passage_words, seed)
         else:
-            sc = multi_turn(c, n, args.followups + 1, args.passage_words, seed)
-        after = cache_metrics(server.base_url)
-        sc.cache = {
-            k2: v - before.get(k2, 0.0) if k2 in ("hits", "misses", "restored_tokens") else v
-            for k2, v in after.items()
-        }
-        sc.rss_mib = rss_mib(server.proc.pid)
-        out.append(sc)
-        print(f"  {server_name(server)}: {sc.name} done", flush=True)
+            scs = multi_turn(clients, n, args.followups + 1, args.passage_words, seed)
+        for server, sc, b, results in zip(servers, scs, before, out, strict=True):
+            after = cache_metrics(server.base_url)
+            sc.cache = {
+                k2: v - b.get(k2, 0.0) if k2 in ("hits", "misses", "restored_tokens") else v
+                for k2, v in after.items()
+            }
+            sc.rss_mib = rss_mib(server.proc.pid)
+            results.append(sc)
+        print(f"  {scs[0].name} done", flush=True)
     return out
 
 
@@ -243,6 +256,16 @@ def report(name: str, scenarios: list[Scenario]) -> None:
         )
 
 
+def compare(ours: tuple[str, list[Scenario]], ref: tuple[str, list[Scenario]]) -> None:
+    print(f"\n{ours[0]} / {ref[0]}, TTFT p50 (below 1: {ours[0]} is faster)")
+    print("| scenario | first questions | follow-ups |")
+    print("|---|---|---|")
+    for a, b in zip(ours[1], ref[1], strict=True):
+        first = pct([s.ttft for s in a.first], 0.5) / pct([s.ttft for s in b.first], 0.5)
+        follow = pct([s.ttft for s in a.follow], 0.5) / pct([s.ttft for s in b.follow], 0.5)
+        print(f"| {a.name} | {first:.2f} | {follow:.2f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--passage-words", type=int, default=1300, help="~1,500 tokens with the demo tokenizer")
@@ -263,13 +286,13 @@ def main() -> None:
                 args.llama_server, demo_chat_gguf(), "-np", "8", "-c", "16384", "-b", "512", "-ub", "512"
             )
         )
-    results: list[tuple[str, list[Scenario]]] = []
     try:
         for server in servers:
             server.wait_ready(600)
-        # One server at a time: each runs alone on the CPU, as a deployment would.
-        for server in servers:
-            results.append((server_name(server), run_server(server, args, bias)))
+        # One request at a time: each server runs alone on the CPU while it answers.
+        results = list(
+            zip([server_name(s) for s in servers], run_scenarios(servers, args, bias), strict=True)
+        )
     finally:
         for server in servers:
             server.stop()
@@ -280,6 +303,8 @@ def main() -> None:
     )
     for name, scenarios in results:
         report(name, scenarios)
+    if len(results) == 2:
+        compare(results[0], results[1])
 
 
 if __name__ == "__main__":
