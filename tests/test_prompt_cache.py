@@ -15,9 +15,10 @@ import numpy as np
 import pytest
 
 from gguf_serve.engine.chat import ChatEngine
-from gguf_serve.engine.llama_runtime import Batch, ContextParams, LlamaContext, LlamaModel
+from gguf_serve.engine.llama_runtime import Batch, ContextParams, DecodeError, LlamaContext, LlamaModel
 from gguf_serve.engine.prompt_cache import MAX_SPARE_BUFFERS, CachedPrompt, PromptCache, buffer_capacity
 from gguf_serve.engine.requests import Finished, SamplingParams, TextChunk
+from gguf_serve.engine.scheduler import Generation
 from gguf_serve.settings import Limits, ModelSettings
 from tests.e2e.server import demo_chat_gguf
 from tests.fixtures import rag_text
@@ -93,7 +94,8 @@ async def _run(eng: ChatEngine, tokens: list[int], params: SamplingParams) -> tu
 
 
 def run(eng: ChatEngine, tokens: list[int], max_tokens: int = 8) -> tuple[str, Finished]:
-    text, fin = asyncio.run(_run(eng, tokens, greedy(max_tokens)))
+    # a bound, so that a request the scheduler loses fails the test instead of hanging it
+    text, fin = asyncio.run(asyncio.wait_for(_run(eng, tokens, greedy(max_tokens)), 120))
     assert fin.reason == "length", fin
     return "".join(text), fin
 
@@ -380,4 +382,67 @@ def test_restore_racing_a_cancel_leaves_slots_and_cache_consistent(
     ref_text, ref_fin = run(ref, a3, max_tokens=12)
     assert fin.cached_tokens >= len(a) - 16 and fin.cached_tokens == ref_fin.cached_tokens
     assert text == ref_text
+    kv_matches_slots(eng)
+
+
+def test_a_failed_save_loses_the_cache_entry_not_the_request(
+    model: LlamaModel, make_engine: list[ChatEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    eng = engine(model, parallel=1, cache_mib=256)
+    ref = engine(model, parallel=1, cache_mib=0)
+    make_engine += [eng, ref]
+    a, b = raw_prompt(eng, 60, "What is it about?"), raw_prompt(eng, 61, "What is it about?")
+    run(eng, a)
+
+    def torn(seq_id: int, out: np.ndarray | None = None) -> np.ndarray:
+        raise DecodeError(f"llama_state_seq_get_data wrote 0 bytes for sequence {seq_id}")
+
+    monkeypatch.setattr(eng.ctx, "seq_state", torn)
+    text, fin = run(eng, b)  # evicts a's slot: its save fails
+    cache = eng.scheduler.prompt_cache
+    assert cache is not None and len(cache) == 0 and cache.saves == 0
+    assert cache.bytes == cache.spare_bytes <= cache.limit_bytes
+    assert (text, fin.cached_tokens) == (run(ref, b)[0], 0)  # b itself is answered as usual
+    kv_matches_slots(eng)
+
+
+def test_a_restore_that_raises_fails_its_request_alone(
+    model: LlamaModel, make_engine: list[ChatEngine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever goes wrong while a request takes its slot (here llama.cpp's restore raising),
+    that request and its n choices end with an error instead of waiting forever, and the
+    scheduler serves the next one from a consistent KV cache."""
+    eng = engine(model, parallel=3, cache_mib=256)
+    ref = engine(model, parallel=1, cache_mib=0)
+    make_engine += [eng, ref]
+    a, b, c = (raw_prompt(eng, i, "What is it about?") for i in (70, 71, 72))
+    for p in (a, b, c):
+        run(eng, p)
+    run(eng, raw_prompt(eng, 73, "What is it about?"))  # a goes to the cache
+    follow = raw_prompt(eng, 70, "Is it long?")
+
+    def broken(seq_id: int, state: np.ndarray) -> bool:
+        raise RuntimeError("llama_state_seq_set_data crashed")
+
+    async def ends(n: int) -> list[Finished]:
+        async def one(g: Generation) -> Finished:
+            async for ev in g:
+                if isinstance(ev, Finished):
+                    return ev
+            raise AssertionError("no Finished event")
+
+        gens = eng.start_completions(follow, greedy(8), n)
+        return await asyncio.wait_for(asyncio.gather(*(one(g) for g in gens)), 60)
+
+    with monkeypatch.context() as m:
+        m.setattr(eng.ctx, "set_seq_state", broken)
+        for n in (1, 2):
+            fins = asyncio.run(ends(n))
+            assert [f.reason for f in fins] == ["error"] * n and all(f.error for f in fins)
+    kv_matches_slots(eng)
+    text, fin = run(eng, follow)  # a's passage restored from the cache, as if nothing had happened
+    assert fin.cached_tokens >= len(a) - 16
+    run(ref, a)  # the reference prefills a, then the follow-up, split the same way
+    ref_text, _ = run(ref, follow)
+    assert text == ref_text and eng.idle()
     kv_matches_slots(eng)

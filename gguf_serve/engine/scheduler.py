@@ -340,11 +340,34 @@ class ChatScheduler:
                 if not self._waiting or len(idle) < 1 + len(self._waiting[0].forks):
                     return
                 job = self._waiting.popleft()
-            slot = self._choose_slot(idle, job.prompt)
-            self._start(slot, job)
-            for fork in job.forks:
-                rest = [s for s in idle if s.job is None]
-                self._park(min(rest, key=lambda s: (bool(s.cached), s.last_used)), fork, slot)
+            chosen: list[Slot] = []
+            try:
+                chosen.append(self._choose_slot(idle, job.prompt))
+                self._start(chosen[0], job)
+                for fork in job.forks:
+                    rest = [s for s in idle if s.job is None]
+                    chosen.append(min(rest, key=lambda s: (bool(s.cached), s.last_used)))
+                    self._park(chosen[-1], fork, chosen[0])
+            except Exception:  # a request that cannot start fails alone, and never hangs
+                log.exception("%s: could not start a request", self.name)
+                self._fail_start(job, chosen)
+
+    def _fail_start(self, job: Job, chosen: list[Slot]) -> None:
+        """End `job` and its choices with an error, whether or not they had reached their
+        slots, and empty those slots' KV (a restore or save may have stopped half way)."""
+        error = "internal error starting the request"
+        jobs = (job, *job.forks)
+        placed = [s.job for s in self.slots if s.job is not None and any(s.job is j for j in jobs)]
+        for s in self.slots:
+            if s.job is not None and any(s.job is j for j in jobs):
+                self._finish(s, "error", error)  # its waiting choices too
+        for j in jobs:
+            if not any(j is p for p in placed):
+                j.sampler.free()
+                self._emit(j, Finished("error", len(j.prompt), 0, error=error))
+        for s in chosen:
+            self.ctx.seq_rm(s.seq_id)
+            s.cached = []
 
     def _park(self, slot: Slot, job: Job, first: Slot) -> None:
         """A choice of n waits in `slot` for the KV of the prompt `first` prefills."""
@@ -437,7 +460,12 @@ class ChatScheduler:
             return
         seq_id = slot.seq_id
         size = self.ctx.seq_state_size(seq_id)
-        cache.save(slot.cached, size, lambda out: self.ctx.seq_state(seq_id, out), keep=keep)
+        try:
+            cache.save(slot.cached, size, lambda out: self.ctx.seq_state(seq_id, out), keep=keep)
+        except (DecodeError, MemoryError) as e:  # the prompt is just not cached; the request goes on
+            log.warning(
+                "%s: could not save %d tokens to the prompt cache: %s", self.name, len(slot.cached), e
+            )
 
     def _start(self, slot: Slot, job: Job) -> None:
         keep = self._reuse(slot, job.prompt)
