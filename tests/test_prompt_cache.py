@@ -14,6 +14,7 @@ import llama_cpp
 import numpy as np
 import pytest
 
+from gguf_serve.engine import prompt_cache
 from gguf_serve.engine.chat import ChatEngine
 from gguf_serve.engine.llama_runtime import Batch, ContextParams, DecodeError, LlamaContext, LlamaModel
 from gguf_serve.engine.prompt_cache import MAX_SPARE_BUFFERS, CachedPrompt, PromptCache, buffer_capacity
@@ -201,6 +202,20 @@ def test_a_failed_fill_gives_its_buffer_back() -> None:
     with pytest.raises(RuntimeError):
         c.save([1, 2], STATE, broken)
     assert len(c) == 0 and c.saves == 0 and c.bytes == c.spare_bytes == CAP
+
+
+def test_a_buffer_that_cannot_be_had_is_not_counted(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = PromptCache(limit_bytes=10 * CAP)
+
+    def no_memory(*args: object, **kwargs: object) -> np.ndarray:
+        raise MemoryError("Unable to allocate")
+
+    with monkeypatch.context() as m:
+        m.setattr(prompt_cache.np, "empty", no_memory)
+        with pytest.raises(MemoryError):
+            save(c, [1, 2])
+    assert len(c) == 0 and c.bytes == c.spare_bytes == 0
+    assert save(c, [1, 2]) and c.bytes == CAP + 8
 
 
 # --- llama.cpp's sequence state, saved and restored -----------------------------------------

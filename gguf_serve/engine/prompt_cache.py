@@ -93,10 +93,6 @@ class PromptCache:
             len(e.tokens) >= n and common_prefix_len(e.tokens, tokens) == n for e in self._entries.values()
         )
 
-    def fits(self, size: int) -> bool:
-        """Whether a state of `size` bytes may be kept at all (alone, with nothing else)."""
-        return size <= self.limit_bytes
-
     def save(
         self,
         tokens: list[int],
@@ -109,7 +105,7 @@ class PromptCache:
         never `keep` (the entry about to be restored: its buffer must not take this state).
         False when it does not fit."""
         toks = np.asarray(tokens, dtype=np.int32)
-        if not tokens or not self.fits(size + toks.nbytes):
+        if not tokens or size + toks.nbytes > self.limit_bytes:  # alone over the bound
             return False
         for key, e in list(self._entries.items()):
             if (
@@ -174,12 +170,11 @@ class PromptCache:
                 return buffer
             capacity = min(buffer_capacity(size), self.limit_bytes - extra)
             if self.bytes + capacity + extra <= self.limit_bytes:
+                buffer = np.empty(capacity, dtype=np.uint8)  # counted once it exists
                 self.bytes += capacity
-                return np.empty(capacity, dtype=np.uint8)
+                return buffer
             if self._spare:  # none fits: the largest goes first
-                largest = max(self._spare, key=lambda b: b.nbytes)
-                self._take_spare(largest)
-                self.bytes -= largest.nbytes
+                self._free_spare(max(self._spare, key=lambda b: b.nbytes))
                 continue
             oldest = next((k for k, e in self._entries.items() if e is not keep), None)
             if oldest is None:  # only `keep` is left, and it leaves no room
@@ -194,9 +189,7 @@ class PromptCache:
         self.bytes -= e.tokens.nbytes
         self._add_spare(e.buffer)
         if len(self._spare) > MAX_SPARE_BUFFERS:
-            oldest = self._spare[0]
-            self._take_spare(oldest)
-            self.bytes -= oldest.nbytes
+            self._free_spare(self._spare[0])
 
     def _add_spare(self, buffer: npt.NDArray[np.uint8]) -> None:
         self._spare.append(buffer)
@@ -206,6 +199,10 @@ class PromptCache:
         # by identity: list.remove would compare numpy arrays element by element
         self._spare = [b for b in self._spare if b is not buffer]
         self.spare_bytes -= buffer.nbytes
+
+    def _free_spare(self, buffer: npt.NDArray[np.uint8]) -> None:
+        self._take_spare(buffer)
+        self.bytes -= buffer.nbytes
 
     def stats(self) -> dict[str, float]:
         return {

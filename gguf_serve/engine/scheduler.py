@@ -357,9 +357,9 @@ class ChatScheduler:
         slots, and empty those slots' KV (a restore or save may have stopped half way)."""
         error = "internal error starting the request"
         jobs = (job, *job.forks)
-        placed = [s.job for s in self.slots if s.job is not None and any(s.job is j for j in jobs)]
-        for s in self.slots:
-            if s.job is not None and any(s.job is j for j in jobs):
+        placed = [s.job for s in chosen if s.job is not None]  # chosen slots were idle: these are ours
+        for s in chosen:
+            if s.job is not None:
                 self._finish(s, "error", error)  # its waiting choices too
         for j in jobs:
             if not any(j is p for p in placed):
