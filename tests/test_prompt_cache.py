@@ -86,7 +86,7 @@ def raw_prompt(eng: ChatEngine, i: int, question: str) -> list[int]:
 
 async def _run(eng: ChatEngine, tokens: list[int], params: SamplingParams) -> tuple[list[str], Finished]:
     text: list[str] = []
-    async for ev in eng.start_completion(tokens, params):
+    async for ev in await eng.start_completion(tokens, params):
         if isinstance(ev, TextChunk):
             text.append(ev.text)
         else:
@@ -375,7 +375,7 @@ def test_restore_racing_a_cancel_leaves_slots_and_cache_consistent(
     b2 = raw_prompt(eng, 51, "Is it short?")
 
     async def cancel_soon(tokens: list[int], delay: float) -> None:
-        gen = eng.start_completion(tokens, greedy(32))
+        gen = await eng.start_completion(tokens, greedy(32))
         await asyncio.sleep(delay)
         gen.cancel()  # before, while or after the scheduler restores its prefix
 
@@ -446,7 +446,7 @@ def test_a_restore_that_raises_fails_its_request_alone(
                     return ev
             raise AssertionError("no Finished event")
 
-        gens = eng.start_completions(follow, greedy(8), n)
+        gens = await eng.start_completions(follow, greedy(8), n)
         return await asyncio.wait_for(asyncio.gather(*(one(g) for g in gens)), 60)
 
     with monkeypatch.context() as m:

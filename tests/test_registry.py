@@ -173,7 +173,7 @@ def test_a_busy_model_is_not_unloaded(make: Any) -> None:
     async def generate_while_idle_check() -> None:
         engine = reg.get("c", "chat").engine
         params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True)
-        gen = engine.start_completion("Once upon a time", params)
+        gen = await engine.start_completion("Once upon a time", params)
         try:
             clock.now += 10
             reg.unload_idle()

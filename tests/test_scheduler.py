@@ -67,8 +67,8 @@ def test_a_shared_prefix_is_not_prefilled_again(engine: ChatEngine) -> None:
     prompt = STORY * 6
 
     async def twice() -> tuple[tuple[str, Finished], tuple[str, Finished]]:
-        first = await collect(engine.start_completion(prompt, params()))
-        second = await collect(engine.start_completion(prompt, params()))
+        first = await collect(await engine.start_completion(prompt, params()))
+        second = await collect(await engine.start_completion(prompt, params()))
         return first, second
 
     (text1, fin1), (text2, fin2) = asyncio.run(twice())
@@ -85,7 +85,7 @@ def test_cancel_during_prefill_frees_the_slot(model: LlamaModel) -> None:
     try:
 
         async def cancel_in_prefill() -> tuple[Finished, tuple[str, Finished]]:
-            gen = engine.start_completion(STORY * 60, params())
+            gen = await engine.start_completion(STORY * 60, params())
             slot = engine.scheduler.slots[0]
             await asyncio.to_thread(wait_for, lambda: slot.state is SlotState.PREFILL and slot.prompt_pos > 0)
             gen.cancel()
@@ -93,7 +93,7 @@ def test_cancel_during_prefill_frees_the_slot(model: LlamaModel) -> None:
             assert all(not isinstance(ev, TextChunk) for ev in events)  # nothing was generated
             fin = events[-1]
             assert isinstance(fin, Finished)
-            return fin, await collect(engine.start_completion("Hello", params(max_tokens=2)))
+            return fin, await collect(await engine.start_completion("Hello", params(max_tokens=2)))
 
         fin, (_, after) = asyncio.run(cancel_in_prefill())
         assert fin.reason == "cancelled" and fin.completion_tokens == 0
@@ -108,17 +108,17 @@ def test_queue_full_then_served_once_there_is_room(model: LlamaModel) -> None:
     try:
 
         async def over_capacity() -> tuple[str, Finished]:
-            busy = engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
+            busy = await engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
             # the scheduler thread admits it into the only slot; until then the slot looks free
             slot = engine.scheduler.slots[0]
             await asyncio.to_thread(wait_for, lambda: slot.job is not None)
             with pytest.raises(QueueFull, match="busy") as e:
-                engine.start_completion("Hello", params())
+                await engine.start_completion("Hello", params())
             assert e.value.status == 429 and e.value.retry_after_s > 0
             busy.cancel()
             async for _ in busy:
                 pass
-            return await collect(engine.start_completion("Hello", params(max_tokens=3)))
+            return await collect(await engine.start_completion("Hello", params(max_tokens=3)))
 
         _, fin = asyncio.run(over_capacity())
         assert fin.completion_tokens == 3
@@ -133,8 +133,8 @@ def test_a_request_cancelled_while_it_waits_for_a_slot_still_ends(model: LlamaMo
     try:
 
         async def cancel_waiting() -> Finished:
-            busy = engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
-            waiting = engine.start_completion("Hello", params())
+            busy = await engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
+            waiting = await engine.start_completion("Hello", params())
             waiting.cancel()
             events = [ev async for ev in waiting]
             busy.cancel()
@@ -167,8 +167,8 @@ def test_a_failed_decode_ends_its_requests_with_an_error_and_the_model_serves_on
     try:
 
         async def run() -> tuple[tuple[str, Finished], tuple[str, Finished]]:
-            bad = await collect(engine.start_completion(STORY, params()))
-            good = await collect(engine.start_completion(STORY, params()))
+            bad = await collect(await engine.start_completion(STORY, params()))
+            good = await collect(await engine.start_completion(STORY, params()))
             return bad, good
 
         (_, bad), (text, good) = asyncio.run(run())
@@ -183,7 +183,7 @@ def test_shutdown_while_streaming_ends_the_stream(model: LlamaModel) -> None:
     engine = make_engine(model)
 
     async def stream_then_close() -> tuple[list[str], Finished, bool]:
-        gen = engine.start_completion(STORY, params(max_tokens=1000, ignore_eos=True))
+        gen = await engine.start_completion(STORY, params(max_tokens=1000, ignore_eos=True))
         texts: list[str] = []
         closed = False
         async for ev in gen:
@@ -205,7 +205,7 @@ def test_close_frees_nothing_while_a_decode_is_running(model: LlamaModel) -> Non
     engine = make_engine(model, n_batch=2048, n_ubatch=2048, parallel=1)
 
     async def close_mid_decode() -> tuple[bool, Finished]:
-        gen = engine.start_completion(STORY * 100, params())  # one ~1,700-token decode
+        gen = await engine.start_completion(STORY * 100, params())  # one ~1,700-token decode
         slot = engine.scheduler.slots[0]
         await asyncio.to_thread(wait_for, lambda: slot.prompt_pos > 0)  # set just before llama_decode
         stopped_at_once = engine.scheduler.close(timeout_s=0)

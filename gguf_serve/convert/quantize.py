@@ -10,17 +10,8 @@ import llama_cpp
 from gguf_serve.convert.errors import ConvertError
 from gguf_serve.convert.writer import atomic_path
 from gguf_serve.engine.llama_backend import init_backend
+from gguf_serve.engine.llama_runtime import file_types as quant_types
 from gguf_serve.engine.llama_runtime import usable_cpus
-
-
-def quant_types() -> dict[str, int]:
-    """llama.cpp file type names (Q4_K_M, Q8_0, F16, ...) -> LLAMA_FTYPE values."""
-    types: dict[str, int] = {}
-    for attr in dir(llama_cpp):
-        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
-            types[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama_cpp, attr))
-    types["F32"] = int(llama_cpp.LLAMA_FTYPE_ALL_F32)
-    return types
 
 
 def normalize_type(type_name: str) -> str:

@@ -21,7 +21,6 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -44,14 +43,6 @@ Vector = npt.NDArray[np.float32]
 Readout = Callable[[LlamaContext, int, int], Vector]
 
 MAX_SEQ_PER_DECODE = 64
-# Tokenizing more text than this in one request (64 long documents) would stall the event
-# loop for other requests: it goes to a thread.
-TOKENIZE_IN_THREAD_CHARS = 4096
-T = TypeVar("T")
-
-
-async def tokenize_off_loop(n_chars: int, tokenize: Callable[[], T]) -> T:
-    return await asyncio.to_thread(tokenize) if n_chars > TOKENIZE_IN_THREAD_CHARS else tokenize()
 
 
 def embedding_context(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -11,6 +12,9 @@ from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
 from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import ContextParams, LlamaContext, LlamaModel, usable_cpus
+from gguf_serve.engine.model_defaults import GGUF_SAMPLING_KEYS
+from gguf_serve.engine.model_info import ModelInfo, model_info
+from gguf_serve.engine.off_loop import off_loop
 from gguf_serve.engine.prompt_cache import PromptCache
 from gguf_serve.engine.reasoning import ReasoningParser
 from gguf_serve.engine.requests import (
@@ -24,6 +28,7 @@ from gguf_serve.engine.requests import (
 )
 from gguf_serve.engine.scheduler import ChatScheduler, Generation
 from gguf_serve.engine.tool_calls import ToolCallParser
+from gguf_serve.engine.vocabulary import Vocabulary, check_token_ids
 from gguf_serve.settings import Limits, ModelSettings
 
 
@@ -67,7 +72,12 @@ def compile_grammar(params: SamplingParams) -> None:
 PREFILL_MARK = "\x00gguf-serve-prefill\x00"
 
 
-class ChatEngine:
+def _cancel_each(streams: list[ChatStream] | list[Generation]) -> None:
+    for s in streams:
+        s.cancel()
+
+
+class ChatEngine(Vocabulary):
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
         self.model = model
         self.settings = ms
@@ -92,7 +102,8 @@ class ChatEngine:
         )
         bos = model.detokenize([model.bos], special=True) if model.bos >= 0 else ""
         eos = model.detokenize([model.eos], special=True) if model.eos >= 0 else ""
-        self.template = ChatTemplate(ms.chat_template or model.chat_template() or CHATML_TEMPLATE, bos, eos)
+        source = ms.chat_template or model.chat_template() or CHATML_TEMPLATE
+        self.template = ChatTemplate(source, bos, eos)
         cache_bytes = ms.prompt_cache_bytes
         self.scheduler = ChatScheduler(
             model,
@@ -104,9 +115,16 @@ class ChatEngine:
             slot_similarity=ms.slot_similarity,
         )
 
+        sampling_keys = tuple(key for key, _ in GGUF_SAMPLING_KEYS.values())
+        self._info = model_info(model, self.scheduler.n_ctx_seq, ms.parallel, source, sampling_keys)
+
     @property
     def n_ctx(self) -> int:
         return self.scheduler.n_ctx_seq
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
 
     # --- prompts ------------------------------------------------------------------------------
     def tokenize_prompt(self, text: str) -> list[int]:
@@ -115,7 +133,10 @@ class ChatEngine:
         add_special = not (bos_text and text.startswith(bos_text))
         return self.model.tokenize(text, add_special=add_special, parse_special=True)
 
-    def render(self, req: ChatRequest) -> str:
+    async def render(self, req: ChatRequest) -> str:
+        return await off_loop(lambda: self.render_now(req))
+
+    def render_now(self, req: ChatRequest) -> str:
         if not req.messages:
             raise InvalidRequest("messages must not be empty", "messages")
         tools = req.tools if req.tools_enabled else None
@@ -145,13 +166,27 @@ class ChatEngine:
         return rendered[:cut] + text
 
     # --- generation ---------------------------------------------------------------------------
-    def start_chat(self, req: ChatRequest) -> ChatStream:
-        """Render, tokenize and queue now (errors raise here); stream the answer later."""
-        return self.start_chats(req, 1)[0]
+    # Render, tokenize, compile the grammar and queue in a worker thread (errors raise here);
+    # the answer streams later. A caller that goes away meanwhile cancels what was queued.
+    async def start_chat(self, req: ChatRequest) -> ChatStream:
+        return (await self.start_chats(req, 1))[0]
 
-    def start_chats(self, req: ChatRequest, n: int) -> list[ChatStream]:
+    async def start_chats(self, req: ChatRequest, n: int) -> list[ChatStream]:
         """OpenAI's n: `n` answers to one prompt, which is prefilled once."""
-        prompt = self.render(req)
+        loop = asyncio.get_running_loop()
+        return await off_loop(lambda: self._start_chats(req, n, loop), _cancel_each)
+
+    async def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation:
+        return (await self.start_completions(prompt, params, 1))[0]
+
+    async def start_completions(
+        self, prompt: str | list[int], params: SamplingParams, n: int
+    ) -> list[Generation]:
+        loop = asyncio.get_running_loop()
+        return await off_loop(lambda: self._start_completions(prompt, params, n, loop), _cancel_each)
+
+    def _start_chats(self, req: ChatRequest, n: int, loop: asyncio.AbstractEventLoop) -> list[ChatStream]:
+        prompt = self.render_now(req)
         tokens = self.tokenize_prompt(prompt)
         params = req.params
         compile_grammar(params)
@@ -168,21 +203,18 @@ class ChatEngine:
                 ReasoningParser(in_reasoning=thinking) if parse_reasoning else None,
                 ToolCallParser() if req.tools_enabled else None,
             )
-            for generation in self.scheduler.start_n(tokens, params, n)
+            for generation in self.scheduler.start_n(tokens, params, n, loop)
         ]
 
-    def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation:
-        return self.start_completions(prompt, params, 1)[0]
-
-    def start_completions(self, prompt: str | list[int], params: SamplingParams, n: int) -> list[Generation]:
+    def _start_completions(
+        self, prompt: str | list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop
+    ) -> list[Generation]:
         tokens = self.tokenize_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise InvalidRequest("prompt must not be empty", "prompt")
-        bad = [t for t in tokens if not 0 <= t < self.model.n_vocab]
-        if bad:
-            raise InvalidRequest(f"prompt token {bad[0]} is outside the vocabulary", "prompt")
+        check_token_ids(self.model, tokens, "prompt")
         compile_grammar(params)
-        return self.scheduler.start_n(tokens, params, n)
+        return self.scheduler.start_n(tokens, params, n, loop)
 
     def stats(self) -> dict[str, float]:
         return self.scheduler.stats()

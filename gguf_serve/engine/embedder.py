@@ -15,11 +15,13 @@ from gguf_serve.engine.batcher import (
     Vector,
     embedding_context,
     seq_limit,
-    tokenize_off_loop,
 )
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
+from gguf_serve.engine.model_info import ModelInfo, model_info
+from gguf_serve.engine.off_loop import tokenize_off_loop
 from gguf_serve.engine.qwen3_prompts import EMBED_QUERY_FORMAT
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.engine.vocabulary import Vocabulary, check_token_ids
 from gguf_serve.settings import Limits, ModelSettings
 
 log = logging.getLogger("gguf_serve.embedder")
@@ -36,7 +38,7 @@ def l2_normalize(v: Vector) -> Vector:
     return (v / norm).astype(np.float32) if norm > 0 else v.astype(np.float32)
 
 
-class Embedder(BatchedEngine):
+class Embedder(BatchedEngine, Vocabulary):
     """The engine of an embedding model: text or token ids in, pooled vectors out."""
 
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits) -> None:
@@ -55,10 +57,15 @@ class Embedder(BatchedEngine):
         self._append_eos = model.add_eos or pooling == "last"
         self.ctx = embedding_context(model, ms, pooling)
         self.batcher = SequenceBatcher(self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch)
+        self._info = model_info(model, self._limit, self.ctx.params.n_seq_max, None)
 
     @property
     def n_ctx(self) -> int:
         return self._limit
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
 
     @property
     def n_embd(self) -> int:
@@ -100,20 +107,11 @@ class Embedder(BatchedEngine):
             body = body[len(body) - room :] if cut_left else body[:room]
         return head + body + tail
 
-    def tokenize(self, text: str, instruction: str | None = None) -> list[int]:
+    def text_tokens(self, text: str, instruction: str | None = None) -> list[int]:
         if instruction:
             text = EMBED_QUERY_FORMAT.format(task=instruction, text=text)
         # User text never becomes control tokens (parse_special=False).
         return self.model.tokenize(text, add_special=False, parse_special=False)
-
-    def check_ids(self, ids: Sequence[int], param: str = "input") -> list[int]:
-        n_vocab = self.model.n_vocab
-        for t in ids:
-            if not 0 <= t < n_vocab:
-                raise InvalidRequest(
-                    f"token id {t} is outside this model's vocabulary (0..{n_vocab - 1})", param
-                )
-        return list(ids)
 
     def sequences(
         self,
@@ -128,11 +126,11 @@ class Embedder(BatchedEngine):
             if isinstance(item, str):
                 if not item.strip():
                     raise InvalidRequest(f"{param} is an empty string; every input must have text", param)
-                body = self.tokenize(item, instruction)
+                body = self.text_tokens(item, instruction)
             else:
                 if len(item) == 0:
                     raise InvalidRequest(f"{param} is an empty list of tokens", param)
-                body = self.check_ids(item, param)
+                body = check_token_ids(self.model, item, param)
             out.append(self.prepare(body, param, truncate, cut_left))
         return out
 

@@ -1,27 +1,53 @@
-"""What the API layer may call on an engine, one Protocol per role: the typed boundary
-between routes and engines (as vLLM's EngineClient). The registry hands out
-`LoadedModel[ChatModel]`, `LoadedModel[EmbeddingModel]` or `LoadedModel[RerankModel]` by role;
-a route that needs more of an engine adds it here first."""
+"""What the API layer may call on an engine, one Protocol per role: the client side of the
+boundary between routes and engines (as vLLM's EngineClient). The engine itself may run in
+this process or in a supervised engine process (engine/engine_client.py): routes cannot tell,
+so every call that reaches llama.cpp is async, and what crosses is plain data.
+
+The registry hands out `LoadedModel[ChatModel]`, `LoadedModel[EmbeddingModel]` or
+`LoadedModel[RerankModel]` by role; a route that needs more of an engine adds it here first.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from gguf_serve.engine.chat import ChatStream
     from gguf_serve.engine.embedder import EmbeddingResult
-    from gguf_serve.engine.requests import ChatRequest, SamplingParams
+    from gguf_serve.engine.model_info import ModelInfo
+    from gguf_serve.engine.requests import ChatDelta, ChatRequest, Finished, SamplingParams, TextChunk
     from gguf_serve.engine.reranker import RerankResult
-    from gguf_serve.engine.scheduler import Generation
+
+
+class TokenEvents(Protocol):
+    """One completion choice: TextChunk..., then one Finished. Closing early cancels."""
+
+    def __aiter__(self) -> AsyncIterator[TextChunk | Finished]: ...
+
+    def cancel(self) -> None:
+        """Free the slot at the engine's next step (a no-op once finished)."""
+        ...
+
+
+class ChatEvents(Protocol):
+    """One chat choice: ChatDelta... (reasoning, content and tool calls kept apart), then Finished."""
+
+    def __aiter__(self) -> AsyncIterator[ChatDelta | Finished]: ...
+
+    def cancel(self) -> None: ...
 
 
 class Engine(Protocol):
-    """What the registry needs of every engine."""
+    """What the registry and every route need of every engine."""
 
     @property
     def n_ctx(self) -> int:
         """The longest sequence one request may have, in tokens."""
+        ...
+
+    @property
+    def info(self) -> ModelInfo:
+        """What the model is (architecture, sizes, template, special tokens), read at load."""
         ...
 
     def stats(self) -> dict[str, float]: ...
@@ -34,18 +60,32 @@ class Engine(Protocol):
         """Free the engine; False when a thread still inside llama.cpp kept it from that."""
         ...
 
+    async def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        """`parse_special`: control-token text (<|im_end|>) becomes control tokens; off for user data."""
+        ...
+
+    async def detokenize(self, tokens: Sequence[int]) -> list[bytes]:
+        """The bytes of each token (a piece need not be valid UTF-8 on its own)."""
+        ...
+
 
 class ChatModel(Engine, Protocol):
-    def start_chat(self, req: ChatRequest) -> ChatStream: ...
+    # Rendering, tokenizing and grammar compilation happen inside these calls, off the event
+    # loop; InvalidRequest, ContextOverflow and QueueFull raise here, before any response starts.
+    async def start_chat(self, req: ChatRequest) -> ChatEvents: ...
 
-    def start_completion(self, prompt: str | list[int], params: SamplingParams) -> Generation: ...
+    async def start_completion(self, prompt: str | list[int], params: SamplingParams) -> TokenEvents: ...
 
     # OpenAI's n: n answers to one prompt, which is prefilled once.
-    def start_chats(self, req: ChatRequest, n: int) -> list[ChatStream]: ...
+    async def start_chats(self, req: ChatRequest, n: int) -> Sequence[ChatEvents]: ...
 
-    def start_completions(
+    async def start_completions(
         self, prompt: str | list[int], params: SamplingParams, n: int
-    ) -> list[Generation]: ...
+    ) -> Sequence[TokenEvents]: ...
+
+    async def render(self, req: ChatRequest) -> str:
+        """The prompt text the chat template makes of a request (what start_chat would prefill)."""
+        ...
 
 
 class EmbeddingModel(Engine, Protocol):

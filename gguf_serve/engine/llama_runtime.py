@@ -64,6 +64,16 @@ def check_gguf_header(path: Path) -> None:
         )
 
 
+def file_types() -> dict[str, int]:
+    """llama.cpp file type names (Q4_K_M, Q8_0, F16, ...) -> LLAMA_FTYPE values."""
+    types: dict[str, int] = {}
+    for attr in dir(llama):
+        if attr.startswith("LLAMA_FTYPE_MOSTLY_"):
+            types[attr.removeprefix("LLAMA_FTYPE_MOSTLY_")] = int(getattr(llama, attr))
+    types["F32"] = int(llama.LLAMA_FTYPE_ALL_F32)
+    return types
+
+
 def usable_cpus() -> int:
     """CPUs this process may run on (cgroup/affinity aware on Linux): llama.cpp's thread count."""
     if hasattr(os, "sched_getaffinity"):
@@ -108,6 +118,7 @@ class LlamaModel:
         self.n_embd = int(llama.llama_model_n_embd(ptr))
         self.n_layer = int(llama.llama_model_n_layer(ptr))
         self.size_bytes = int(llama.llama_model_size(ptr))
+        self.n_params = int(llama.llama_model_n_params(ptr))
         # Outputs of a classifier head: a rank-pooling model's scores per sequence.
         self.n_cls_out = int(llama.llama_model_n_cls_out(ptr))
         self.bos = int(llama.llama_vocab_bos(self.vocab))

@@ -11,16 +11,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Generic, Literal, TypeVar, overload
+from typing import Generic, Literal, TypeVar, overload
 
 from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, Engine, RerankModel
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
 from gguf_serve.engine.model_defaults import with_model_sampling
 from gguf_serve.engine.requests import InvalidRequest, ModelNotFound, NotReady
 from gguf_serve.settings import ModelSettings, Role, Settings
-
-if TYPE_CHECKING:
-    from gguf_serve.engine.embedder import Embedder
 
 log = logging.getLogger("gguf_serve.registry")
 
@@ -207,7 +204,7 @@ class ModelRegistry:
     def _build(self, ms: ModelSettings) -> LoadedModel[AnyEngine]:
         if ms.same_weights_as:
             base = self._shared(ms.same_weights_as)
-            meta = base.llama_model.meta if base.llama_model is not None else lambda key: None
+            meta = base.engine.info.meta_value
             return LoadedModel(with_model_sampling(ms, meta), base.engine, base.llama_model, base.path)
         limits = self.settings.limits
         if ms.role == "rerank" and ms.scorer == "embedding":
@@ -252,13 +249,11 @@ class ModelRegistry:
         )
         return LoadedModel(with_model_sampling(ms, model.meta), engine, model, path)
 
-    def _embedder_for(self, mid: str) -> Embedder:
-        from gguf_serve.engine.embedder import Embedder
-
+    def _embedder_for(self, mid: str) -> EmbeddingModel:
         loaded = self._shared(mid)
-        if not isinstance(loaded.engine, Embedder):
+        if loaded.settings.role != "embedding":
             raise ModelLoadError(f"model {mid!r} is not an embedding model")
-        return loaded.engine
+        return loaded.engine  # type: ignore[return-value]  # the role says which Protocol it is
 
     def unload(self, mid: str) -> None:
         """Free a model, and first every loaded entry that runs on it (they reload with it)."""

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,12 +24,15 @@ from gguf_serve.engine.batcher import (
     Vector,
     embedding_context,
     seq_limit,
-    tokenize_off_loop,
 )
-from gguf_serve.engine.embedder import Embedder, l2_normalize
+from gguf_serve.engine.embedder import l2_normalize
+from gguf_serve.engine.interfaces import EmbeddingModel
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
+from gguf_serve.engine.model_info import ModelInfo, model_info
+from gguf_serve.engine.off_loop import tokenize_off_loop
 from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, fill, rerank_template
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.engine.vocabulary import Vocabulary
 from gguf_serve.settings import Limits, ModelSettings
 
 log = logging.getLogger("gguf_serve.reranker")
@@ -57,6 +60,16 @@ class Reranker:
     def n_ctx(self) -> int:
         raise NotImplementedError
 
+    @property
+    def info(self) -> ModelInfo:
+        raise NotImplementedError
+
+    async def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        raise NotImplementedError
+
+    async def detokenize(self, tokens: Sequence[int]) -> list[bytes]:
+        raise NotImplementedError
+
     async def score(
         self, query: str, documents: list[str], instruction: str | None = None, truncate: bool | None = None
     ) -> RerankResult:
@@ -80,7 +93,7 @@ def check_request(query: str, documents: list[str]) -> None:
         raise InvalidRequest("documents is empty; send at least one document", "documents")
 
 
-class _PairScorer(BatchedEngine, Reranker):
+class _PairScorer(BatchedEngine, Vocabulary, Reranker):
     """Shared by HeadScorer and CausalScorer: pair prompts -> one decode batch per many pairs."""
 
     def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits, ctx: LlamaContext) -> None:
@@ -89,10 +102,15 @@ class _PairScorer(BatchedEngine, Reranker):
         self.limit = seq_limit(model, ms)
         self.ctx = ctx
         self.batcher = SequenceBatcher(ctx, self._readout, ms.id, limits.max_queue, ms.ubatch)
+        self._info = model_info(model, self.limit, ctx.params.n_seq_max, None)
 
     @property
     def n_ctx(self) -> int:
         return self.limit
+
+    @property
+    def info(self) -> ModelInfo:
+        return self._info
 
     def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
         raise NotImplementedError
@@ -232,13 +250,23 @@ class EmbeddingScorer(Reranker):
 
     kind = "embedding"
 
-    def __init__(self, embedder: Embedder, ms: ModelSettings) -> None:
+    def __init__(self, embedder: EmbeddingModel, ms: ModelSettings) -> None:
         self.embedder = embedder
         self.settings = ms
 
     @property
     def n_ctx(self) -> int:
         return self.embedder.n_ctx
+
+    @property
+    def info(self) -> ModelInfo:
+        return self.embedder.info
+
+    async def tokenize(self, text: str, add_special: bool = False, parse_special: bool = False) -> list[int]:
+        return await self.embedder.tokenize(text, add_special, parse_special)
+
+    async def detokenize(self, tokens: Sequence[int]) -> list[bytes]:
+        return await self.embedder.detokenize(tokens)
 
     async def score(
         self, query: str, documents: list[str], instruction: str | None = None, truncate: bool | None = None
@@ -273,7 +301,7 @@ class EmbeddingScorer(Reranker):
 
 
 def make_reranker(
-    model: LlamaModel | None, ms: ModelSettings, limits: Limits, embedder_for: Callable[[str], Embedder]
+    model: LlamaModel | None, ms: ModelSettings, limits: Limits, embedder_for: Callable[[str], EmbeddingModel]
 ) -> Reranker:
     """The scorer ms.scorer names; "auto" looks at the GGUF."""
     kind = ms.scorer

@@ -180,16 +180,17 @@ class ChatScheduler:
                 "max_tokens",
             )
 
-    def submit(self, prompt: list[int], params: SamplingParams, n: int = 1) -> list[Job]:
-        """Queue a request for `n` choices of one prompt. Call from the event loop that will
-        read their events. Choice i samples with seed + i (each its own random seed when
-        the request has none)."""
+    def submit(
+        self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop
+    ) -> list[Job]:
+        """Queue a request for `n` choices of one prompt, whose events `loop` will read (call
+        from any thread: building the samplers compiles grammars). Choice i samples with
+        seed + i (each its own random seed when the request has none)."""
         self.check_fits(len(prompt), params.max_tokens)
         if not 1 <= n <= len(self.slots):
             raise InvalidRequest(
                 f"n={n} is more than this model's {len(self.slots)} parallel slots (one per choice)", "n"
             )
-        loop = asyncio.get_running_loop()
         jobs: list[Job] = []
         try:
             for i in range(n):
@@ -220,14 +221,12 @@ class ChatScheduler:
             self._cv.notify()
         return jobs
 
-    def start(self, prompt: list[int], params: SamplingParams) -> Generation:
-        """Queue a request (raising ContextOverflow/QueueFull now, before any response
-        starts) and return the stream of its events. Call from the event loop."""
-        return self.start_n(prompt, params, 1)[0]
-
-    def start_n(self, prompt: list[int], params: SamplingParams, n: int) -> list[Generation]:
-        """`n` choices of one prompt, prefilled once: the streams of choice 0..n-1."""
-        return [Generation(self, job) for job in self.submit(prompt, params, n)]
+    def start_n(
+        self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop
+    ) -> list[Generation]:
+        """`n` choices of one prompt, prefilled once: the streams of choice 0..n-1 (raising
+        ContextOverflow/QueueFull now, before any response starts)."""
+        return [Generation(self, job) for job in self.submit(prompt, params, n, loop)]
 
     def wake(self) -> None:
         with self._cv:

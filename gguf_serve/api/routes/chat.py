@@ -16,7 +16,7 @@ from sse_starlette.sse import EventSourceResponse
 from gguf_serve.api.protocol.chat import ChatCompletionRequest, logprobs_json, tool_call_json
 from gguf_serve.api.protocol.common import usage
 from gguf_serve.api.serving import Deadline, ServingContext, stream_error
-from gguf_serve.engine.chat import ChatStream
+from gguf_serve.engine.interfaces import ChatEvents
 from gguf_serve.engine.requests import ChatDelta, EngineError, Finished, TokenLogprob, ToolCall
 
 router = APIRouter()
@@ -26,7 +26,7 @@ router = APIRouter()
 @router.post("/chat/completions", include_in_schema=False)
 async def create_chat_completion(body: ChatCompletionRequest, request: Request) -> Response:
     ctx = await ServingContext.for_request(request, body.model, "chat")
-    chats = ctx.loaded.engine.start_chats(body.to_engine(ctx.loaded.settings, ctx.limits), body.n)
+    chats = list(await ctx.loaded.engine.start_chats(body.to_engine(ctx.loaded.settings, ctx.limits), body.n))
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
@@ -34,7 +34,7 @@ async def create_chat_completion(body: ChatCompletionRequest, request: Request) 
     return JSONResponse(await _collect_all(ctx, chats, rid))
 
 
-def _cancel_all(chats: list[ChatStream]) -> None:
+def _cancel_all(chats: list[ChatEvents]) -> None:
     for chat in chats:
         chat.cancel()
 
@@ -50,7 +50,7 @@ def _account(ctx: ServingContext, i: int, fin: Finished | None) -> Finished:
     return ctx.finished(fin)
 
 
-async def _collect(ctx: ServingContext, chat: ChatStream) -> tuple[dict[str, Any], Any, Finished | None]:
+async def _collect(ctx: ServingContext, chat: ChatEvents) -> tuple[dict[str, Any], Any, Finished | None]:
     content: list[str] = []
     reasoning: list[str] = []
     calls: list[ToolCall] = []
@@ -76,7 +76,7 @@ async def _collect(ctx: ServingContext, chat: ChatStream) -> tuple[dict[str, Any
     return message, logprobs_json(logprobs) if logprobs else None, fin
 
 
-async def _collect_all(ctx: ServingContext, chats: list[ChatStream], rid: str) -> dict[str, Any]:
+async def _collect_all(ctx: ServingContext, chats: list[ChatEvents], rid: str) -> dict[str, Any]:
     try:
         async with Deadline(ctx.limits.request_timeout_s, lambda: _cancel_all(chats), "chat completion"):
             results = await asyncio.gather(*(_collect(ctx, chat) for chat in chats))
@@ -98,7 +98,7 @@ async def _collect_all(ctx: ServingContext, chats: list[ChatStream], rid: str) -
 
 
 async def _stream(
-    ctx: ServingContext, chats: list[ChatStream], rid: str, include_usage: bool
+    ctx: ServingContext, chats: list[ChatEvents], rid: str, include_usage: bool
 ) -> AsyncIterator[str]:
     """The n choices' deltas interleaved as they come, each chunk tagged with its index."""
 
@@ -116,7 +116,7 @@ async def _stream(
 
     queue: asyncio.Queue[tuple[int, ChatDelta | Finished | None]] = asyncio.Queue()
 
-    async def pump(i: int, chat: ChatStream) -> None:
+    async def pump(i: int, chat: ChatEvents) -> None:
         try:
             async for ev in chat:
                 await queue.put((i, ev))

@@ -15,8 +15,8 @@ from sse_starlette.sse import EventSourceResponse
 from gguf_serve.api.protocol.common import usage
 from gguf_serve.api.protocol.completions import CompletionRequest, legacy_logprobs
 from gguf_serve.api.serving import Deadline, ServingContext, stream_error
+from gguf_serve.engine.interfaces import TokenEvents
 from gguf_serve.engine.requests import EngineError, Finished, TextChunk, TokenLogprob
-from gguf_serve.engine.scheduler import Generation
 
 router = APIRouter()
 
@@ -28,11 +28,11 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     params_for = lambda: body.sampling_params(  # noqa: E731 - each prompt gets its own params
         ctx.loaded.settings.sampling, ctx.limits, body.max_tokens, body.logprobs
     )
-    gens: list[Generation] = []
+    gens: list[TokenEvents] = []
     try:
         for prompt in body.prompts(ctx.limits.max_inputs):
             # n choices per prompt (one prefill each): choice index = prompt index * n + j
-            gens.extend(ctx.loaded.engine.start_completions(prompt, params_for(), body.n))
+            gens.extend(await ctx.loaded.engine.start_completions(prompt, params_for(), body.n))
     except Exception:
         _cancel_all(gens)
         raise
@@ -67,7 +67,7 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     )
 
 
-async def _collect(ctx: ServingContext, gen: Generation) -> tuple[str, list[TokenLogprob], Finished]:
+async def _collect(ctx: ServingContext, gen: TokenEvents) -> tuple[str, list[TokenLogprob], Finished]:
     parts: list[str] = []
     lps: list[TokenLogprob] = []
     fin: Finished | None = None
@@ -82,18 +82,18 @@ async def _collect(ctx: ServingContext, gen: Generation) -> tuple[str, list[Toke
     return "".join(parts), lps, ctx.finished(fin)
 
 
-def _cancel_all(gens: list[Generation]) -> None:
+def _cancel_all(gens: list[TokenEvents]) -> None:
     for g in gens:
         g.cancel()
 
 
 async def _stream(
-    ctx: ServingContext, gens: list[Generation], rid: str, include_usage: bool, n: int = 1
+    ctx: ServingContext, gens: list[TokenEvents], rid: str, include_usage: bool, n: int = 1
 ) -> AsyncIterator[str]:
     # Several prompts stream interleaved, each chunk tagged with its choice index.
     queue: asyncio.Queue[tuple[int, TextChunk | Finished | None]] = asyncio.Queue()
 
-    async def pump(i: int, gen: Generation) -> None:
+    async def pump(i: int, gen: TokenEvents) -> None:
         async for ev in gen:
             await queue.put((i, ev))
         await queue.put((i, None))
