@@ -312,6 +312,11 @@ class Settings(BaseSettings):
     # off, the server never runs them (gguf_serve/engine/llama_backend.py). For experiments on
     # AMX CPUs, after `gguf-serve check-kernels` passes for every weight type you serve.
     allow_amx: bool = False
+    # "process": each model that owns weights runs in its own engine process, supervised by the
+    # API process: a llama.cpp abort fails only that model's requests (503), and the engine
+    # restarts by itself. "thread": engines run inside the API process (no process hop; one
+    # abort ends the server), for debugging and for embedding gguf-serve in another program.
+    engine_isolation: Literal["process", "thread"] = "process"
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None

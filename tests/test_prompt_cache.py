@@ -461,3 +461,40 @@ def test_a_restore_that_raises_fails_its_request_alone(
     ref_text, _ = run(ref, follow)
     assert text == ref_text and eng.idle()
     kv_matches_slots(eng)
+
+
+def test_a_fork_slot_is_never_saved_before_its_kv_copy_lands(
+    model: LlamaModel, make_engine: list[ChatEngine]
+) -> None:
+    """n=2 with max_tokens=1: the second choice's slot gets the prompt's KV by a copy that
+    llama.cpp makes only at the next decode, and it ends before any. The next request to take
+    that slot must not save its stale buffer to the prompt cache as that prompt (nor restore
+    into it): asked for again, the prompt continues exactly as on a fresh engine."""
+    eng = engine(model, parallel=2, cache_mib=256)
+    ref = engine(model, parallel=1, cache_mib=0)
+    make_engine += [eng, ref]
+    a, b, c = (raw_prompt(eng, i, "What is it about?") for i in (80, 81, 82))
+    follow = raw_prompt(eng, 80, "Is it long?")
+
+    async def two_choices() -> list[Finished]:
+        gens = await eng.start_completions(a, greedy(1), 2)
+        out = []
+        for g in gens:
+            async for ev in g:
+                if isinstance(ev, Finished):
+                    out.append(ev)
+        return out
+
+    assert [f.reason for f in asyncio.run(asyncio.wait_for(two_choices(), 120))] == ["length", "length"]
+    first, fork = eng.scheduler.slots  # choice 0 prefilled in slot 0, choice 1 was forked into slot 1
+    assert first.cached == fork.cached == a
+    first.last_used, fork.last_used = 10**9, 0  # b takes the fork slot, evicting a's copy there
+    run(eng, b)
+    first.last_used = 0  # c takes the first slot: a leaves the slots for good
+    run(eng, c)
+    text, fin = run(eng, follow)  # a's passage comes back from the prompt cache
+    assert fin.cached_tokens >= len(a) - 16
+    run(ref, a)
+    ref_text, _ = run(ref, follow)
+    assert text == ref_text
+    kv_matches_slots(eng)

@@ -50,9 +50,10 @@ def create_app(
         async def unload_idle() -> None:
             while True:
                 await asyncio.sleep(IDLE_CHECK_S)
-                registry.unload_idle()
+                # Unloading joins threads and stops engine processes: never on the loop.
+                await asyncio.to_thread(registry.unload_idle)
 
-        tasks = [asyncio.create_task(load())]
+        tasks = [asyncio.create_task(load()), asyncio.create_task(metrics.watch_event_loop())]
         if any(ms.keep_alive for ms in settings.models):
             tasks.append(asyncio.create_task(unload_idle()))
         try:
@@ -65,6 +66,8 @@ def create_app(
             await asyncio.gather(*tasks, return_exceptions=True)
             await asyncio.to_thread(registry.close)
 
+    metrics = Metrics()
+
     # On SIGTERM, in-flight streams finish (uvicorn bounds the wait with shutdown_grace_s)
     # instead of being cut by sse-starlette the moment the signal arrives.
     AppStatus.disable_automatic_graceful_drain()
@@ -76,5 +79,5 @@ def create_app(
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)
-    install_observability(app, settings, Metrics(), registry.stats, runtime)
+    install_observability(app, settings, metrics, registry.stats, runtime, registry.health)
     return app

@@ -16,6 +16,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import asdict
 from typing import Any
 
 from fastapi import FastAPI
@@ -34,9 +35,11 @@ from prometheus_client.process_collector import ProcessCollector
 from prometheus_client.registry import Collector
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from gguf_serve.engine.requests import EngineHealth
 from gguf_serve.settings import Settings
 
 StatsProvider = Callable[[], dict[str, dict[str, float]]]
+HealthProvider = Callable[[], dict[str, EngineHealth]]
 
 access_log = logging.getLogger("gguf_serve.access")
 log = logging.getLogger("gguf_serve.observability")
@@ -60,6 +63,8 @@ LATENCY_BUCKETS = (
     300.0,
     600.0,
 )
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOOP_LAG_PERIOD_S = 0.25
 TTFT_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0, 60.0)
 # Probes and scrapes every few seconds would drown the access log: they are logged at DEBUG.
 QUIET_PATHS = frozenset({"/health", "/ready", "/metrics"})
@@ -73,6 +78,7 @@ _ENGINE_GAUGES = {
     "kv_used_cells": ("kv_cache_used_cells", "KV cache cells in use"),
     "kv_total_cells": ("kv_cache_total_cells", "KV cache cells in the context"),
     "loaded": ("model_loaded", "1 when the model is loaded, 0 when not (lazy load or idle unload)"),
+    "engine_up": ("engine_up", "1 while the model's engine process serves, 0 while it restarts"),
     "prompt_cache_bytes": (
         "prompt_cache_bytes",
         "Host RAM held by the prompt cache: saved KV states and free buffers kept for the next saves",
@@ -86,6 +92,7 @@ _ENGINE_GAUGES = {
 }
 # stats_provider key -> (counter name without _total, help): where each model's worker thread spends its time.
 _ENGINE_COUNTERS = {
+    "engine_restarts": ("engine_restarts", "Engine processes started again after one died"),
     "decodes": ("engine_decode_calls", "llama_decode calls (one per scheduler step or embedding batch)"),
     "decode_seconds": ("engine_decode_seconds", "Seconds spent inside llama_decode"),
     "sample_seconds": ("engine_sample_seconds", "Seconds spent sampling tokens and handling their text"),
@@ -180,10 +187,25 @@ class Metrics:
             f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=r
         )
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "HTTP requests being served", registry=r)
+        self.loop_lag = Histogram(
+            f"{PREFIX}_event_loop_lag_seconds",
+            "How late the API process's event loop ran a timer (work that blocked it)",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         if process_metrics:
             # RSS, CPU seconds, open fds of this process (Linux only; a no-op elsewhere).
             ProcessCollector(registry=r)
         self._stats_provider: StatsProvider | None = None
+
+    async def watch_event_loop(self, period_s: float = LOOP_LAG_PERIOD_S) -> None:
+        """Sleep `period_s` over and over; how much later than asked each wake-up comes is the
+        time something held the loop (a decode, a render, a big tokenization on it)."""
+        loop = asyncio.get_running_loop()
+        while True:
+            t0 = loop.time()
+            await asyncio.sleep(period_s)
+            self.loop_lag.observe(max(0.0, loop.time() - t0 - period_s))
 
     def observe_request(self, route: str, model: str, status: int | str, seconds: float) -> None:
         self.requests.labels(route, model, str(status)).inc()
@@ -242,6 +264,7 @@ class Metrics:
             "tokens": tokens,
             "latency_s": _histogram_summary(self.latency),
             "time_to_first_token_s": _histogram_summary(self.ttft),
+            "event_loop_lag_s": _histogram_summary(self.loop_lag),
         }
 
 
@@ -367,6 +390,7 @@ def install_observability(
     metrics: Metrics,
     stats_provider: StatsProvider,
     runtime: Mapping[str, object] | None = None,
+    health_provider: HealthProvider | None = None,
 ) -> None:
     """Add the access log + request id middleware, GET /metrics and GET /stats.
 
@@ -387,7 +411,8 @@ def install_observability(
         return Response(metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     async def stats() -> JSONResponse:
-        return JSONResponse({**metrics.snapshot(), "runtime": runtime})
+        engines = {m: asdict(h) for m, h in (health_provider() if health_provider else {}).items()}
+        return JSONResponse({**metrics.snapshot(), "engines": engines, "runtime": runtime})
 
     app.add_api_route("/metrics", prometheus_metrics, methods=["GET"], include_in_schema=False)
     app.add_api_route("/stats", stats, methods=["GET"], include_in_schema=False)

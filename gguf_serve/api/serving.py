@@ -15,7 +15,7 @@ from fastapi import Request
 from gguf_serve.api.errors import error_body
 from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, RerankModel
 from gguf_serve.engine.registry import E, LoadedModel, ModelRegistry
-from gguf_serve.engine.requests import EngineError, Finished
+from gguf_serve.engine.requests import EngineError, EngineUnavailable, Finished
 from gguf_serve.settings import Limits, Role
 
 
@@ -90,6 +90,8 @@ class ServingContext(Generic[E]):
         if self.metrics is not None:
             self.metrics.add_tokens(self.loaded.settings.id, fin.prompt_tokens, fin.completion_tokens)
         if fin.reason == "error":
+            if fin.unavailable:
+                raise EngineUnavailable(fin.error or "the model's engine is restarting; retry shortly")
             raise GenerationFailed(fin.error or "generation failed")
         if fin.reason == "cancelled":
             fin.reason = "length"  # the server shut down mid-answer: what it made is returned

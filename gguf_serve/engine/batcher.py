@@ -33,7 +33,7 @@ from gguf_serve.engine.llama_runtime import (
     LlamaModel,
     usable_cpus,
 )
-from gguf_serve.engine.requests import EngineError, NotReady, QueueFull
+from gguf_serve.engine.requests import HEALTHY, EngineError, EngineHealth, NotReady, QueueFull
 from gguf_serve.settings import ModelSettings
 
 log = logging.getLogger("gguf_serve.batcher")
@@ -112,6 +112,7 @@ class SequenceBatcher:
         self._cv = threading.Condition()
         self._stopping = False
         self._freed = False
+        self._dead: str | None = None  # why the worker thread ended, if it did on its own
         self.n_requests = 0
         self.n_sequences = 0
         self.n_tokens = 0
@@ -142,6 +143,8 @@ class SequenceBatcher:
 
         job = _Job(seqs, deliver)
         with self._cv:
+            if self._dead is not None:
+                raise EngineError(f"model {self.name} cannot serve: {self._dead}")
             if self._stopping:
                 raise NotReady(f"model {self.name} is shutting down")
             if self._jobs >= self.max_pending:
@@ -181,8 +184,28 @@ class SequenceBatcher:
             self._batch.free()
         return True
 
+    def health(self) -> EngineHealth:
+        return HEALTHY if self._dead is None else EngineHealth("failed", self._dead)
+
     # --- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # never leave requests waiting on a thread that is gone
+            log.exception("%s: the embedding worker thread died", self.name)
+            with self._cv:
+                self._dead = f"the worker thread died: {type(e).__name__}: {e}"
+                self._stopping = True
+            self._fail_all(EngineError(f"model {self.name} could not process this input (worker failed)"))
+
+    def _fail_all(self, err: EngineError) -> None:
+        with self._cv:
+            left = {id(j): j for j, _ in self._pending}
+            self._pending.clear()
+        for job in left.values():
+            self._fail(job, err)
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._stopping and not self._pending:
@@ -192,11 +215,7 @@ class SequenceBatcher:
                 picked = self._pick()
             if picked:
                 self._decode(picked)
-        with self._cv:
-            left = {id(j): j for j, _ in self._pending}
-            self._pending.clear()
-        for job in left.values():
-            self._fail(job, NotReady(f"model {self.name} is shutting down"))
+        self._fail_all(NotReady(f"model {self.name} is shutting down"))
 
     def _pick(self) -> list[tuple[_Job, int]]:
         """Called with the lock held: the sequences of the next decode."""
@@ -282,6 +301,9 @@ class BatchedEngine:
     def idle(self) -> bool:
         """No request in progress (the registry's keep_alive unloads only idle engines)."""
         return self.batcher.stats()["requests_in_progress"] == 0
+
+    def health(self) -> EngineHealth:
+        return self.batcher.health()
 
     def close(self) -> bool:
         """True when the context was freed; never under a decode still running."""

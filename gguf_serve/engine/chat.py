@@ -20,6 +20,7 @@ from gguf_serve.engine.reasoning import ReasoningParser
 from gguf_serve.engine.requests import (
     ChatDelta,
     ChatRequest,
+    EngineHealth,
     Finished,
     InvalidRequest,
     SamplingParams,
@@ -221,6 +222,9 @@ class ChatEngine(Vocabulary):
 
     def idle(self) -> bool:
         return self.scheduler.idle()
+
+    def health(self) -> EngineHealth:
+        return self.scheduler.health()
 
     def close(self) -> bool:
         """True when everything was freed (see ChatScheduler.close)."""

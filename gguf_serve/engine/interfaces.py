@@ -15,7 +15,14 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from gguf_serve.engine.embedder import EmbeddingResult
     from gguf_serve.engine.model_info import ModelInfo
-    from gguf_serve.engine.requests import ChatDelta, ChatRequest, Finished, SamplingParams, TextChunk
+    from gguf_serve.engine.requests import (
+        ChatDelta,
+        ChatRequest,
+        EngineHealth,
+        Finished,
+        SamplingParams,
+        TextChunk,
+    )
     from gguf_serve.engine.reranker import RerankResult
 
 
@@ -54,6 +61,10 @@ class Engine(Protocol):
 
     def idle(self) -> bool:
         """No request in progress (keep_alive unloads only idle engines)."""
+        ...
+
+    def health(self) -> EngineHealth:
+        """Whether the engine serves, and if not, why (for /health, /ready, /stats)."""
         ...
 
     def close(self) -> bool | None:

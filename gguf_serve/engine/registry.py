@@ -16,7 +16,7 @@ from typing import Generic, Literal, TypeVar, overload
 from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, Engine, RerankModel
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
 from gguf_serve.engine.model_defaults import with_model_sampling
-from gguf_serve.engine.requests import InvalidRequest, ModelNotFound, NotReady
+from gguf_serve.engine.requests import EngineHealth, InvalidRequest, ModelNotFound, NotReady
 from gguf_serve.settings import ModelSettings, Role, Settings
 
 log = logging.getLogger("gguf_serve.registry")
@@ -214,39 +214,15 @@ class ModelRegistry:
         path = self._files.get(ms.id)
         if path is None:
             raise ModelLoadError(f"model {ms.id!r}: no GGUF file was resolved for it")
-        from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
+        if self.settings.engine_isolation == "process":
+            from gguf_serve.engine.engine_client import EngineClient
 
-        footprint = read_footprint(path)  # header and tensor index only, read once for both uses
-        n_gpu_layers = choose_gpu_layers(footprint, ms)
-        model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
-        try:
-            engine: AnyEngine
-            if ms.role == "chat":
-                from gguf_serve.engine.chat import ChatEngine
+            client = EngineClient(ms, path, limits, self.settings)
+            client.start()  # raises ModelLoadError with the engine process's reason
+            return LoadedModel(with_model_sampling(ms, client.info.meta_value), client, None, path)
+        from gguf_serve.engine.loader import load_engine
 
-                engine = ChatEngine(model, ms, limits)
-            elif ms.role == "embedding":
-                from gguf_serve.engine.embedder import Embedder
-
-                engine = Embedder(model, ms, limits)
-            else:
-                from gguf_serve.engine.reranker import make_reranker
-
-                engine = make_reranker(model, ms, limits, self._embedder_for)
-        except Exception:
-            model.close()
-            raise
-        log.info(
-            "model %s: %s, %d of %d layers on the GPU, %.0f MiB of weights, KV cache up to %.0f MiB (%s/%s)",
-            ms.id,
-            path.name,
-            min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
-            model.n_layer,
-            model.size_bytes / 2**20,
-            kv_cache_bytes(footprint, ms) / 2**20,
-            ms.cache_type_k,
-            ms.cache_type_v,
-        )
+        engine, model = load_engine(ms, path, limits)
         return LoadedModel(with_model_sampling(ms, model.meta), engine, model, path)
 
     def _embedder_for(self, mid: str) -> EmbeddingModel:
@@ -288,6 +264,15 @@ class ModelRegistry:
         if loaded is not None and not loaded.engine.idle():
             return False
         return all(self._idle(d) for d in self._dependants[mid])
+
+    def health(self) -> dict[str, EngineHealth]:
+        """Each loaded model's engine health (an entry running on another's engine reports that one's)."""
+        out: dict[str, EngineHealth] = {}
+        for mid, e in self._entries.items():
+            if e.loaded is not None and e.state is LoadState.READY:
+                with contextlib.suppress(Exception):
+                    out[mid] = e.loaded.engine.health()
+        return out
 
     def stats(self) -> dict[str, dict[str, float]]:
         out: dict[str, dict[str, float]] = {}

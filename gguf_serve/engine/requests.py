@@ -54,6 +54,12 @@ class NotReady(EngineError):
     code = "model_not_ready"
 
 
+class EngineUnavailable(NotReady):
+    """The engine process serving this model died (its requests fail) or is restarting."""
+
+    code = "engine_unavailable"
+
+
 _DEFAULTS = SamplingDefaults()  # settings.py declares each sampling default, once
 
 
@@ -106,9 +112,24 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     error: str | None = None
+    # The engine process died under this request: a 503 (retry), not a 500.
+    unavailable: bool = False
 
 
 GenerationEvent = TextChunk | Finished
+
+
+@dataclass(frozen=True)
+class EngineHealth:
+    """ok; restarting (its engine process died: its requests failed, a new one is starting);
+    or failed (it cannot serve and will not recover by itself: the process needs a restart)."""
+
+    status: Literal["ok", "restarting", "failed"] = "ok"
+    reason: str | None = None
+    restarts: int = 0
+
+
+HEALTHY = EngineHealth()
 
 
 @dataclass

@@ -31,7 +31,7 @@ from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.model_info import ModelInfo, model_info
 from gguf_serve.engine.off_loop import tokenize_off_loop
 from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, fill, rerank_template
-from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.engine.requests import HEALTHY, ContextOverflow, EngineHealth, InvalidRequest
 from gguf_serve.engine.vocabulary import Vocabulary
 from gguf_serve.settings import Limits, ModelSettings
 
@@ -81,6 +81,9 @@ class Reranker:
 
     def idle(self) -> bool:
         return True
+
+    def health(self) -> EngineHealth:
+        return HEALTHY
 
     def close(self) -> bool:
         return True
@@ -295,6 +298,9 @@ class EmbeddingScorer(Reranker):
 
     def stats(self) -> dict[str, float]:
         return {}  # the embedder reports under its own id
+
+    def health(self) -> EngineHealth:
+        return self.embedder.health()
 
     def close(self) -> bool:
         return True  # the embedder belongs to its own registry entry

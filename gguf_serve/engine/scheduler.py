@@ -28,7 +28,10 @@ import numpy as np
 from gguf_serve.engine.llama_runtime import Batch, DecodeError, LlamaContext, LlamaModel
 from gguf_serve.engine.prompt_cache import CachedPrompt, PromptCache, common_prefix_len
 from gguf_serve.engine.requests import (
+    HEALTHY,
     ContextOverflow,
+    EngineError,
+    EngineHealth,
     Finished,
     FinishReason,
     GenerationEvent,
@@ -121,6 +124,10 @@ class Slot:
     batch_index: int = -1  # where this slot's logits are in the current batch
     last_used: int = -1  # the scheduler's clock when a request last started or ended here
     forks: list[Slot] = field(default_factory=list)  # FORK slots waiting for this one's prompt
+    # A fork copied another slot's KV into this one, and llama.cpp copies between KV streams
+    # only at the start of the next decode: until then this sequence's buffer is stale, so a
+    # save would store garbage and a restore would be overwritten by the copy.
+    kv_pending: bool = False
 
 
 def _deliver(items: list[tuple[Job, GenerationEvent]]) -> None:
@@ -153,6 +160,7 @@ class ChatScheduler:
         self._cv = threading.Condition()
         self._stopping = False
         self._freed = False
+        self._dead: str | None = None  # why the scheduler thread ended, if it did on its own
         self._outbox: list[tuple[Job, GenerationEvent]] = []
         self._thread = threading.Thread(target=self._run, name=f"scheduler-{name}", daemon=True)
         self._thread.start()
@@ -207,6 +215,8 @@ class ChatScheduler:
             if self._stopping:
                 for j in jobs:
                     j.sampler.free()
+                if self._dead is not None:
+                    raise EngineError(f"model {self.name} cannot serve: {self._dead}")
                 raise NotReady(f"model {self.name} is shutting down")
             free = sum(1 for s in self.slots if s.job is None)
             if len(self._waiting) >= free + self.max_queue:
@@ -269,8 +279,21 @@ class ChatScheduler:
             self._batch.free()
         return True
 
+    def health(self) -> EngineHealth:
+        return HEALTHY if self._dead is None else EngineHealth("failed", self._dead)
+
     # --- the scheduler thread ---------------------------------------------------------------
     def _run(self) -> None:
+        try:
+            self._serve()
+        except BaseException as e:  # never leave requests waiting on a thread that is gone
+            log.exception("%s: the scheduler thread died", self.name)
+            with self._cv:
+                self._dead = f"the scheduler thread died: {type(e).__name__}: {e}"
+                self._stopping = True
+            self._end_all("error", "the model's scheduler failed")
+
+    def _serve(self) -> None:
         while True:
             with self._cv:
                 while not self._stopping and not self._waiting and all(s.job is None for s in self.slots):
@@ -290,13 +313,19 @@ class ChatScheduler:
                     self.ctx.seq_rm(s.seq_id)
                     s.cached = []
                 self._flush()
+        self._end_all("cancelled")
+
+    def _end_all(self, reason: FinishReason, error: str | None = None) -> None:
+        """End every request, running or waiting (the thread is stopping)."""
         for s in self.slots:
             if s.job is not None:
-                self._finish(s, "cancelled")
-        for job in self._waiting:
+                self._finish(s, reason, error)
+        with self._cv:
+            waiting, self._waiting = list(self._waiting), deque()
+        for job in waiting:
             for j in (job, *job.forks):
                 j.sampler.free()
-                self._emit(j, Finished("cancelled", len(j.prompt), 0))
+                self._emit(j, Finished(reason, len(j.prompt), 0, error=error))
         self._flush()
 
     def _emit(self, job: Job, ev: GenerationEvent) -> None:
@@ -395,6 +424,7 @@ class ChatScheduler:
                 continue  # cancelled meanwhile
             # Across KV streams llama.cpp copies the whole sequence at the next decode.
             self.ctx.seq_cp(first.seq_id, f.seq_id)
+            f.kv_pending = True
             f.cached = list(first.cached)
             f.batch_index = first.batch_index
             self._sample(f)
@@ -430,7 +460,7 @@ class ChatScheduler:
         if cache is None:
             return keep
         found = cache.best(prompt)
-        restore = found is not None and min(found[1], len(prompt) - 1) > keep
+        restore = found is not None and min(found[1], len(prompt) - 1) > keep and not slot.kv_pending
         # Save when most of the slot would be lost (llama-server's f_keep < 0.5): a follow-up
         # that keeps the passages and drops only the last question is not worth a copy.
         losing = bool(slot.cached) and (restore or keep < len(slot.cached) / 2)
@@ -455,7 +485,7 @@ class ChatScheduler:
         """Copy what `slot` holds into the prompt cache before it is overwritten, unless an
         entry holds it already or there is no room (`keep`, to be restored next, stays)."""
         cache = self.prompt_cache
-        if cache is None or not slot.cached or cache.covers(slot.cached):
+        if cache is None or not slot.cached or slot.kv_pending or cache.covers(slot.cached):
             return
         seq_id = slot.seq_id
         size = self.ctx.seq_state_size(seq_id)
@@ -525,6 +555,8 @@ class ChatScheduler:
                     s.cached = []
             return
         t1 = time.perf_counter()
+        for s in self.slots:  # the decode applied every pending KV copy first
+            s.kv_pending = False
         for s in active:
             self._sample(s)
         self.decodes += 1

@@ -8,7 +8,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
-from gguf_serve.engine.registry import LoadState
+from gguf_serve.engine.registry import LoadState, ModelRegistry
 
 router = APIRouter()
 _CREATED = int(time.time())
@@ -42,25 +42,49 @@ async def list_models(request: Request) -> dict[str, Any]:
     return {"object": "list", "data": data}
 
 
+def _unhealthy(registry: ModelRegistry) -> dict[str, dict[str, Any]]:
+    return {
+        mid: {"status": h.status, "reason": h.reason, "restarts": h.restarts}
+        for mid, h in registry.health().items()
+        if h.status != "ok"
+    }
+
+
 @router.get("/health")
 async def health(request: Request) -> JSONResponse:
-    """Liveness: 503 while the models load (or if one failed), 200 once serving."""
-    registry = request.app.state.registry
+    """Liveness: 503 while the models load (or if one failed, or cannot recover by itself), 200
+    once serving. A model whose engine process is restarting leaves it 200 ("degraded"): the
+    server is healing itself, and a liveness probe that killed it would undo that."""
+    registry: ModelRegistry = request.app.state.registry
     if getattr(request.app.state, "draining", False):
         return JSONResponse({"status": "shutting down"}, status_code=503)
     if registry.failures:
         return JSONResponse({"status": "error", "errors": registry.failures}, status_code=503)
     if not registry.ready:
         return JSONResponse({"status": "loading"}, status_code=503)
+    down = _unhealthy(registry)
+    if any(h["status"] == "failed" for h in down.values()):
+        return JSONResponse({"status": "error", "models": down}, status_code=503)
+    if down:
+        return JSONResponse({"status": "degraded", "models": down})
     return JSONResponse({"status": "ok"})
 
 
 @router.get("/ready")
 async def ready(request: Request) -> JSONResponse:
-    """Readiness: every model that is not lazily loaded is ready."""
-    registry = request.app.state.registry
+    """Readiness: every model that is not lazily loaded is ready, and every engine serves."""
+    registry: ModelRegistry = request.app.state.registry
     states = {ms.id: state.value for ms, state, _ in registry.entries()}
-    ok = registry.ready and not registry.failures and not getattr(request.app.state, "draining", False)
-    return JSONResponse(
-        {"status": "ready" if ok else "not ready", "models": states}, status_code=200 if ok else 503
+    down = _unhealthy(registry)
+    for mid, h in down.items():
+        states[mid] = h["status"]
+    ok = (
+        registry.ready
+        and not registry.failures
+        and not down
+        and not getattr(request.app.state, "draining", False)
     )
+    body: dict[str, Any] = {"status": "ready" if ok else "not ready", "models": states}
+    if down:
+        body["down"] = down
+    return JSONResponse(body, status_code=200 if ok else 503)

@@ -1,0 +1,56 @@
+"""Load one model that owns its weights and build the engine its role needs: the same steps
+whether the engine runs in the API process or in its own engine process (engine_core.py)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from gguf_serve.engine.interfaces import AnyEngine, EmbeddingModel
+from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
+from gguf_serve.settings import Limits, ModelSettings
+
+log = logging.getLogger("gguf_serve.registry")
+
+
+def load_engine(ms: ModelSettings, path: Path, limits: Limits) -> tuple[AnyEngine, LlamaModel]:
+    """The engine and the weights it runs on (free the engine first, then the weights)."""
+    from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
+
+    footprint = read_footprint(path)  # header and tensor index only, read once for both uses
+    n_gpu_layers = choose_gpu_layers(footprint, ms)
+    model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
+    try:
+        engine: AnyEngine
+        if ms.role == "chat":
+            from gguf_serve.engine.chat import ChatEngine
+
+            engine = ChatEngine(model, ms, limits)
+        elif ms.role == "embedding":
+            from gguf_serve.engine.embedder import Embedder
+
+            engine = Embedder(model, ms, limits)
+        else:
+            from gguf_serve.engine.reranker import make_reranker
+
+            engine = make_reranker(model, ms, limits, _no_embedder)
+    except Exception:
+        model.close()
+        raise
+    log.info(
+        "model %s: %s, %d of %d layers on the GPU, %.0f MiB of weights, KV cache up to %.0f MiB (%s/%s)",
+        ms.id,
+        path.name,
+        min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
+        model.n_layer,
+        model.size_bytes / 2**20,
+        kv_cache_bytes(footprint, ms) / 2**20,
+        ms.cache_type_k,
+        ms.cache_type_v,
+    )
+    return engine, model
+
+
+def _no_embedder(mid: str) -> EmbeddingModel:
+    # A bi-encoder reranker (scorer = "embedding") owns no weights: the registry builds it.
+    raise ModelLoadError(f"model {mid!r}: a bi-encoder reranker is not loaded from a file")
