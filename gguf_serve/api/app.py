@@ -11,6 +11,7 @@ from fastapi import FastAPI
 from sse_starlette.sse import AppStatus
 
 from gguf_serve import __version__
+from gguf_serve.api.disconnect import CancelOnDisconnect
 from gguf_serve.api.errors import install_error_handlers
 from gguf_serve.api.observability import Metrics, install_observability
 from gguf_serve.api.routes import chat, completions, embeddings, models, rerank, tei
@@ -79,5 +80,6 @@ def create_app(
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)
+    app.add_middleware(CancelOnDisconnect)  # inside the access log, which records its 499s
     install_observability(app, settings, metrics, registry.stats, runtime, registry.health)
     return app

@@ -354,7 +354,10 @@ class AccessLogMiddleware:
         failed = True
         try:
             await self.app(scope, receive, send_with_id)
-            failed = False
+            # CancelOnDisconnect ended it because the client left: nginx's 499, not a success.
+            failed = bool(state.get("client_gone")) and not response_started
+            if failed:
+                status = 499
         except asyncio.CancelledError:
             if not response_started:
                 status = 499  # the client went away before an answer (nginx's code for it)

@@ -406,10 +406,12 @@ class EngineClient:
 
     def stats(self) -> dict[str, float]:
         up = self._health.status == "ok"
+        proc = self._proc
         return {
             **(self._stats if up else {}),
             "engine_up": float(up),
             "engine_restarts": float(self.restarts),
+            "engine_pid": float(proc.pid if proc is not None else 0),
         }
 
     def idle(self) -> bool:

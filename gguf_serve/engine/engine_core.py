@@ -198,7 +198,8 @@ def main(argv: list[str]) -> int:
         engine, model = load_engine(spec.settings, spec.path, spec.limits)
     except Exception as e:  # ModelLoadError, a reranker that cannot score, a backend that cannot start
         log.debug("load failed", exc_info=True)
-        conn.send(("failed", str(e)))
+        named = str(e) if spec.path.name in str(e) else f"{spec.path}: {type(e).__name__}: {e}"
+        conn.send(("failed", named))
         return 1
     conn.send(("ready", handshake(engine)))
     asyncio.run(EngineCore(conn, engine).serve())

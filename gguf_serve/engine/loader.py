@@ -17,7 +17,12 @@ def load_engine(ms: ModelSettings, path: Path, limits: Limits) -> tuple[AnyEngin
     """The engine and the weights it runs on (free the engine first, then the weights)."""
     from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
 
-    footprint = read_footprint(path)  # header and tensor index only, read once for both uses
+    try:
+        footprint = read_footprint(path)  # header and tensor index only, read once for both uses
+    except Exception as e:  # gguf-py on a cut or garbled file: an IndexError, a ValueError ...
+        raise ModelLoadError(
+            f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it"
+        ) from e
     n_gpu_layers = choose_gpu_layers(footprint, ms)
     model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
     try:

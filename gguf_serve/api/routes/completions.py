@@ -39,7 +39,10 @@ async def create_completion(body: CompletionRequest, request: Request) -> Respon
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     if body.stream:
         return EventSourceResponse(_stream(ctx, gens, rid, body.include_usage, body.n), sep="\n", ping=15)
-    results = await asyncio.gather(*(_collect(ctx, g) for g in gens))
+    try:
+        results = await asyncio.gather(*(_collect(ctx, g) for g in gens))
+    finally:  # one choice failing, or the client leaving, ends its siblings too
+        _cancel_all(gens)
     choices = []
     total = [0, 0, 0]
     for i, (text, lps, fin) in enumerate(results):
