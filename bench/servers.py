@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import tempfile
@@ -15,11 +16,15 @@ from tests.e2e.server import REPO, free_port
 
 
 class BenchServer:
-    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], port: int, cwd: Path = REPO, env: dict[str, str] | None = None
+    ) -> None:
         self.name = name
         self.base_url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115  (lives as long as the server)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(
+            cmd, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})}
+        )
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout

@@ -10,9 +10,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gguf_serve.engine.requests import EngineError, QueueFull
+from gguf_serve.engine.requests import EngineError, EngineUnavailable, QueueFull
 
 log = logging.getLogger("gguf_serve.api")
+
+# An engine process restarts in seconds: retry after about one restart.
+ENGINE_RETRY_AFTER_S = 2
 
 ERROR_TYPES = {
     400: "invalid_request_error",
@@ -72,9 +75,11 @@ def describe_validation(exc: RequestValidationError) -> tuple[str, str | None, s
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(EngineError)
     async def _engine_error(_: Request, exc: EngineError) -> JSONResponse:
-        headers = (
-            {"Retry-After": str(max(1, round(exc.retry_after_s)))} if isinstance(exc, QueueFull) else None
-        )
+        headers: dict[str, str] | None = None
+        if isinstance(exc, QueueFull):
+            headers = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        elif isinstance(exc, EngineUnavailable):
+            headers = {"Retry-After": str(ENGINE_RETRY_AFTER_S)}
         return error_response(exc.status, exc.message, exc.param, exc.code, headers)
 
     @app.exception_handler(RequestValidationError)

@@ -93,6 +93,8 @@ def test_an_engine_killed_mid_stream_fails_alone_and_comes_back(demo: ServerProc
     assert int(engine_stats(base, CHAT)["engine_pid"]) not in (0, pid)
     assert metric(base, "gguf_serve_engine_restarts_total", CHAT) == 1.0
     assert metric(base, "gguf_serve_engine_up", CHAT) == 1.0
+    lag_samples = metric(base, "gguf_serve_event_loop_lag_seconds_count")
+    assert lag_samples is not None and lag_samples > 0
     assert demo.proc.poll() is None
     assert "was killed by SIGKILL" in demo.log_tail(200)
 
@@ -113,6 +115,7 @@ def test_a_request_for_a_restarting_model_gets_a_503_with_the_reason(demo: Serve
         assert r.status_code == 503
         error = r.json()["error"]
         assert error["code"] == "engine_unavailable" and "SIGKILL" in error["message"]
+        assert r.headers["retry-after"] == "2"
 
 
 def busy(base: str) -> tuple[float, float]:
