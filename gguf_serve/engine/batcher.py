@@ -214,7 +214,15 @@ class SequenceBatcher:
                     break
                 picked = self._pick()
             if picked:
-                self._decode(picked)
+                try:
+                    self._decode(picked)
+                except BaseException:  # the thread is dying: these left the queue already
+                    for job, _ in picked:
+                        self._fail(
+                            job,
+                            EngineError(f"model {self.name} could not process this input (worker failed)"),
+                        )
+                    raise
         self._fail_all(NotReady(f"model {self.name} is shutting down"))
 
     def _pick(self) -> list[tuple[_Job, int]]:
