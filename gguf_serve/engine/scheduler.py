@@ -180,6 +180,21 @@ class ChatScheduler:
                 "max_tokens",
             )
 
+    def check_capacity(self) -> None:
+        """NotReady or QueueFull now, as `submit` would: cheap, so a caller checks it before
+        rendering and tokenizing a prompt. `submit` checks again (the authoritative check:
+        other requests may have been queued meanwhile)."""
+        with self._cv:
+            if self._stopping:
+                raise NotReady(f"model {self.name} is shutting down")
+            free = sum(1 for s in self.slots if s.job is None)
+            if len(self._waiting) >= free + self.max_queue:
+                raise QueueFull(
+                    f"model {self.name} is busy: {len(self.slots)} slots in use and {len(self._waiting)} "
+                    "requests waiting; retry later",
+                    retry_after_s=1.0,
+                )
+
     def submit(
         self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop
     ) -> list[Job]:
