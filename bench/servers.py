@@ -15,11 +15,11 @@ from tests.e2e.server import REPO, free_port
 
 
 class BenchServer:
-    def __init__(self, name: str, cmd: list[str], port: int) -> None:
+    def __init__(self, name: str, cmd: list[str], port: int, cwd: Path = REPO) -> None:
         self.name = name
         self.base_url = f"http://127.0.0.1:{port}"
         self.log = tempfile.NamedTemporaryFile(prefix=f"bench-{name}-", suffix=".log", delete=False)  # noqa: SIM115  (lives as long as the server)
-        self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT)
+        self.proc = subprocess.Popen(cmd, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT)
 
     def wait_ready(self, timeout: float = 300) -> None:
         deadline = time.monotonic() + timeout
