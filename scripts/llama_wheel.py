@@ -103,6 +103,8 @@ def native_target() -> str:
 
 
 def patch_files() -> list[Path]:
+    if not PATCH_DIR.is_dir():  # a build that forgot to copy it must not build unpatched quietly
+        raise SystemExit(f"llama_wheel: {PATCH_DIR} is missing (copy patches/ beside scripts/)")
     return sorted(PATCH_DIR.glob("*.patch"))
 
 

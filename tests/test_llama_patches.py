@@ -107,6 +107,9 @@ def test_the_patch_set_is_part_of_the_wheel_key(monkeypatch: pytest.MonkeyPatch,
     (tmp_path / "0002-y.patch").write_text(PATCHES[-1].read_text() + " \n")
     edited = key()
     assert len({patched, unpatched, renamed, edited}) == 4
+    monkeypatch.setattr(lw, "PATCH_DIR", tmp_path / "not-copied")
+    with pytest.raises(SystemExit, match="missing"):
+        key()
 
 
 def test_every_build_path_applies_the_patches() -> None:
