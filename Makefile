@@ -15,7 +15,8 @@ PYTEST_ARGS ?=
 # (AMX off; PORTABLE=1: every CPU variant, picked at run time) and keeps each wheel in a cache
 # folder named by a hash of its configuration (flags, compiler, and for native builds the CPU),
 # because pip's own wheel cache keys on the sdist alone and would hand back a wheel built for
-# another CPU or another GPU setting.
+# another CPU or another GPU setting. Every build applies patches/llama.cpp/*.patch to the pinned
+# llama.cpp, and the patch set is part of the key.
 PORTABLE ?=
 LLAMA_CPP_VERSION := $(shell $(PYTHON) scripts/llama_wheel.py version)
 LLAMA_WHEEL := $(PYTHON) scripts/llama_wheel.py --gpu $(GPU) $(if $(filter 1 yes true,$(PORTABLE)),--portable)
@@ -36,7 +37,7 @@ $(BIN)/python:
 
 # Idempotent: after the first run every stamp is newer than what it depends on, so a second run
 # is instant; a different CPU, compiler or GPU setting is a different key, so a new wheel.
-$(LLAMA_STAMP): scripts/llama_wheel.py | $(BIN)/python
+$(LLAMA_STAMP): scripts/llama_wheel.py $(wildcard patches/llama.cpp/*.patch) | $(BIN)/python
 	$(LLAMA_WHEEL) install --python $(BIN)/python
 	rm -f $(VENV)/.stamp-llama-*
 	touch $@
@@ -79,10 +80,9 @@ bench: install-test
 # reference that `make bench` measures beside ours when it exists (~20 minutes on 2 cores).
 LLAMA_SRC := build/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp
 LLAMA_SERVER := build/llama.cpp/bin/llama-server
-$(LLAMA_SERVER): | $(BIN)/python
-	mkdir -p build/sdist
-	$(BIN)/pip download -q --no-deps --no-binary :all: -d build/sdist "llama-cpp-python==$(LLAMA_CPP_VERSION)"
-	tar -xzf build/sdist/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C build/sdist
+# The sources are unpacked and patched (patches/llama.cpp) by llama_wheel.py, as for our wheel.
+$(LLAMA_SERVER): scripts/llama_wheel.py $(wildcard patches/llama.cpp/*.patch) | $(BIN)/python
+	$(LLAMA_WHEEL) sources --dest build/sdist
 	# The same flags as our wheel (AMX off): a reference that crashes on an AMX CPU measures nothing.
 	CFLAGS="$(shell $(LLAMA_WHEEL) cflags)" CXXFLAGS="$(shell $(LLAMA_WHEEL) cflags)" \
 	cmake -S $(LLAMA_SRC) -B build/llama.cpp -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF \

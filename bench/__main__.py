@@ -23,6 +23,7 @@ suite = (
         ("bench.bench_chat", reference),
         ("bench.bench_rag", reference),
         ("bench.bench_embed", reference),
+        ("bench.bench_mixed", []),
         ("bench.bench_convert", []),
     ]
 )

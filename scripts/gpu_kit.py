@@ -6,7 +6,9 @@ httpx, typer and friends, 16 cores, and no package registry; at most 64 MiB trav
 working tree. So the kit holds:
 
 - llama-src.tar.gz: the pinned llama-cpp-python sdist without what a CUDA build never reads
-  (llama.cpp's docs, model vocab files, tests, examples, other tools, other GPU backends);
+  (llama.cpp's docs, model vocab files, tests, examples, other tools, other GPU backends),
+  unpatched: there, `llama_wheel.py build` applies patches/llama.cpp (the working tree carries
+  it) as every other build does;
 - wheels/: the Python 3.12 manylinux wheels of gguf-serve's dependencies that the machine lacks,
   at the versions this venv tested.
 

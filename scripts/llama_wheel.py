@@ -14,7 +14,13 @@ Standard library only: it runs before the venv exists.
     python3 scripts/llama_wheel.py key      [--gpu cpu|cuda] [--portable]   # the configuration's key
     python3 scripts/llama_wheel.py install  --python .venv/bin/python [...] # build if needed, install
     python3 scripts/llama_wheel.py build    --out DIR [...]                 # build if needed, copy to DIR
+    python3 scripts/llama_wheel.py sources  --dest DIR                      # the patched sources (llama-server)
     python3 scripts/llama_wheel.py version | cmake-args | cflags            # for other builds alike
+
+Every build compiles the pinned sdist with patches/llama.cpp/*.patch applied to its vendored
+llama.cpp (as Ollama keeps its llama.cpp patches): each patch's header says why and links the
+upstream issue or PR. The patch set's content is part of the key, so a patched wheel never comes
+from an unpatched cache entry, nor the other way round.
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tarfile
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,6 +45,8 @@ from pathlib import Path
 LLAMA_CPP_VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{LLAMA_CPP_VERSION}.tar.gz"
 MARKER = ".llama-cpp-build.json"
+PATCH_DIR = Path(__file__).resolve().parent.parent / "patches" / "llama.cpp"
+LLAMA_SUBDIR = "vendor/llama.cpp"  # where the patches apply, inside the unpacked sdist
 
 X86 = platform.machine().lower() in ("x86_64", "amd64", "i686", "x86")
 
@@ -93,6 +102,94 @@ def native_target() -> str:
     return " ".join(sorted(enabled)) or f"unknown ({platform.processor()})"
 
 
+def patch_files() -> list[Path]:
+    if not PATCH_DIR.is_dir():  # a build that forgot to copy it must not build unpatched quietly
+        raise SystemExit(f"llama_wheel: {PATCH_DIR} is missing (copy patches/ beside scripts/)")
+    return sorted(PATCH_DIR.glob("*.patch"))
+
+
+def patch_set() -> list[str]:
+    """What the key knows of the patches: each one's name and a hash of its bytes."""
+    return [f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}" for p in patch_files()]
+
+
+class PatchError(RuntimeError):
+    pass
+
+
+def _hunks(lines: list[str]) -> list[tuple[int, list[str], list[str]]]:
+    """(old start line, old lines, new lines) of each hunk of one file's unified diff."""
+    hunks: list[tuple[int, list[str], list[str]]] = []
+    for line in lines:
+        if line.startswith("@@"):
+            start = int(line.split()[1].lstrip("-").split(",")[0])
+            hunks.append((start, [], []))
+        elif hunks and line[:1] in (" ", "-", "+"):
+            _, old, new = hunks[-1]
+            if line[0] != "+":
+                old.append(line[1:])
+            if line[0] != "-":
+                new.append(line[1:])
+        elif hunks and line == "":  # a blank context line whose leading space an editor removed
+            hunks[-1][1].append("")
+            hunks[-1][2].append("")
+    return hunks
+
+
+def apply_patch(patch: Path, root: Path) -> list[str]:
+    """Apply one unified diff (paths a/... b/..., relative to `root`) exactly; the files it changed.
+
+    Standard library only (no `patch` or `git` in the build images). A hunk whose lines are not
+    found as they are, near where the diff says or anywhere else once, is an error: a patch that
+    does not fit the pinned sources fails the build instead of building something else.
+    """
+    text = patch.read_text().splitlines()
+    files: list[tuple[str, list[str]]] = []
+    for i, line in enumerate(text):
+        if line.startswith("--- a/") and i + 1 < len(text) and text[i + 1].startswith("+++ b/"):
+            files.append((text[i + 1][6:].split("\t")[0].strip(), []))
+        elif files and not line.startswith("+++ b/"):
+            files[-1][1].append(line)
+    if not files:
+        raise PatchError(f"{patch.name}: no file in it")
+    changed = []
+    for rel, body in files:
+        target = root / rel
+        if not target.is_file():
+            raise PatchError(f"{patch.name}: {rel} is not in the sources")
+        lines = target.read_text().split("\n")
+        delta = 0
+        for start, old, new in _hunks(body):
+            at = start - 1 + delta
+            if lines[at : at + len(old)] != old:
+                found = [i for i in range(len(lines)) if lines[i : i + len(old)] == old]
+                if len(found) != 1:
+                    raise PatchError(f"{patch.name}: a hunk at {rel}:{start} does not fit the sources")
+                at = found[0]
+            lines[at : at + len(old)] = new
+            delta = at + len(new) - (start - 1 + len(old))
+        target.write_text("\n".join(lines))
+        changed.append(rel)
+    return changed
+
+
+def unpack_sources(sdist: Path, dest: Path) -> Path:
+    """The sdist unpacked under `dest` with every patch applied; its top folder (a fresh copy)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(sdist) as tar:
+        top = dest / tar.getnames()[0].split("/")[0]
+        if top.exists():
+            shutil.rmtree(top)  # never patch twice
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall(dest, filter="data")
+        else:  # Python before 3.11.4
+            tar.extractall(dest)
+    for p in patch_files():
+        for rel in apply_patch(p, top / LLAMA_SUBDIR):
+            print(f"llama_wheel: {p.name}: patched {LLAMA_SUBDIR}/{rel}", flush=True)
+    return top
+
+
 def configuration(gpu: str, portable: bool, cuda_arch: str | None) -> dict[str, object]:
     cc = os.environ.get("CC", "cc")
     config: dict[str, object] = {
@@ -103,6 +200,7 @@ def configuration(gpu: str, portable: bool, cuda_arch: str | None) -> dict[str, 
         "portable": portable,
         "cmake_args": cmake_args(gpu, portable, cuda_arch),
         "cflags": NO_AMX_FLAGS,
+        "patches": patch_set(),
     }
     if not portable:
         # A native wheel is only good for CPUs that -march=native resolves the same way.
@@ -172,6 +270,7 @@ def ensure_wheel(config: dict[str, object], sdist: Path | None, isolated: bool =
         print(f"llama_wheel: compiling llama-cpp-python {LLAMA_CPP_VERSION} for {key} (minutes)", flush=True)
         print(f"llama_wheel: CMAKE_ARGS={env['CMAKE_ARGS']}", flush=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
+            tree = unpack_sources(source, Path(tmp) / "src")
             # --no-cache-dir: never read or write pip's wheel cache for this package (see above).
             # isolated=False: use the build tools already installed (a machine with no registry).
             offline = [] if isolated else ["--no-build-isolation"]
@@ -186,7 +285,7 @@ def ensure_wheel(config: dict[str, object], sdist: Path | None, isolated: bool =
                     *offline,
                     "-w",
                     tmp,
-                    str(source),
+                    str(tree),
                 ],
                 env=env,
                 check=True,
@@ -227,13 +326,15 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "command", choices=["key", "install", "build", "show", "version", "cmake-args", "cflags"]
+        "command",
+        choices=["key", "install", "build", "sources", "show", "version", "cmake-args", "cflags"],
     )
     parser.add_argument("--gpu", choices=["cpu", "cuda"], default="cpu")
     parser.add_argument("--portable", action="store_true", help="all CPU variants, chosen at run time")
     parser.add_argument("--cuda-arch", default=None, help="CMAKE_CUDA_ARCHITECTURES, e.g. 90 for H100/H200")
     parser.add_argument("--python", type=Path, help="the venv's python (install)")
     parser.add_argument("--out", type=Path, help="copy the wheel here (build)")
+    parser.add_argument("--dest", type=Path, help="unpack the patched sources here (sources)")
     parser.add_argument("--sdist", type=Path, help="a local llama-cpp-python sdist (offline builds)")
     parser.add_argument(
         "--no-build-isolation",
@@ -250,6 +351,12 @@ def main() -> None:
             if args.command == "cmake-args"
             else NO_AMX_FLAGS
         )
+        return
+    if args.command == "sources":  # llama.cpp's own server, from the same patched sources
+        if args.dest is None:
+            parser.error("sources needs --dest")
+        top = unpack_sources(fetch_sdist(cache_root(), args.sdist), args.dest)
+        print(top / LLAMA_SUBDIR)
         return
     config = configuration(args.gpu, args.portable, args.cuda_arch)
     if args.command == "key":

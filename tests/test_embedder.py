@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import pytest
 
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
-from gguf_serve.engine.requests import ContextOverflow, InvalidRequest, NotReady
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest, NotReady, QueueFull
 from gguf_serve.settings import Limits, ModelSettings
 
 TEXTS = [
@@ -118,6 +119,133 @@ def test_n_ubatch_bounds_the_tokens_of_each_decode(minilm: Embedder, minilm_gguf
         ref = run(minilm.embed(TEXTS))
         for a, b in zip(got.vectors, ref.vectors, strict=True):
             assert float(a @ b) > 0.99999
+    finally:
+        emb.close()
+        model.close()
+
+
+# 14 word pieces: with [CLS] and [SEP], 16 tokens, so two fill a 32-token pack exactly.
+SIXTEEN = "one two three four five six seven eight nine ten eleven twelve thirteen fourteen"
+
+
+def recording_decodes(emb: Embedder, before_first: Any = None) -> list[list[int]]:
+    """Per decode, from now on: the request (its index in order of first appearance) of each
+    sequence in it. `before_first()` runs in the worker thread as the first decode starts."""
+    packs: list[list[int]] = []
+    order: dict[int, int] = {}
+    real = emb.batcher._decode
+
+    def recording(picked: list[Any]) -> None:
+        if not packs and before_first is not None:
+            before_first()
+        packs.append([order.setdefault(id(job), len(order)) for job, _ in picked])
+        real(picked)
+
+    emb.batcher._decode = recording  # type: ignore[method-assign]
+    return packs
+
+
+def wait_for(cond: Any, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.001)
+
+
+def small_packs(minilm_gguf: Path, **kw: Any) -> Embedder:
+    ms = ModelSettings(
+        id="fair", role="embedding", file="x", n_ctx=512, n_batch=512, n_ubatch=32, parallel=16, **kw
+    )
+    return Embedder(LlamaModel(minilm_gguf), ms, Limits(max_queue=kw.get("parallel", 16)))
+
+
+def test_a_short_request_waits_for_at_most_one_decode_of_a_long_one(minilm_gguf: Path) -> None:
+    """Requests take turns in the packs: a one-text query that arrives while a 16-text ingest
+    is being decoded goes into the next decode (first come, first served, it waited for all
+    eight decodes of the ingest: 34x its idle latency in issue 19's measurement)."""
+    emb = small_packs(minilm_gguf)
+    try:
+        assert [len(s) for s in emb.sequences([SIXTEEN, "yes"])] == [16, 3]
+        alone = run(emb.embed([SIXTEEN, "yes"])).vectors
+
+        async def query_during_ingest() -> list[Any]:
+            loop = asyncio.get_running_loop()
+            query: list[Any] = []
+
+            def send_query() -> None:  # in the worker, as the ingest's first pack is decoded
+                query.append(asyncio.run_coroutine_threadsafe(emb.embed(["yes"]), loop))
+                wait_for(lambda: emb.stats()["requests"] == 3)
+
+            decodes = recording_decodes(emb, send_query)
+            ingest = await emb.embed([SIXTEEN] * 16)
+            return [ingest, await asyncio.wrap_future(query[0]), decodes]
+
+        ingest, query, packs = run(query_during_ingest())
+        assert packs[0] == [0, 0]  # two 16-token sequences fill a 32-token pack
+        query_at = next(k for k, pack in enumerate(packs) if 1 in pack)
+        assert query_at == 1, packs
+        assert sum(len(p) for p in packs) == 17
+        assert float(query.vectors[0] @ alone[1]) > 0.99999
+        for v in ingest.vectors:
+            assert float(v @ alone[0]) > 0.99999
+    finally:
+        emb.close()
+        emb.model.close()
+
+
+def test_long_requests_take_turns_too(minilm_gguf: Path) -> None:
+    """Three 4-text requests queued together share the packs in turn: each has a sequence in
+    the first two decodes and none is done before the fourth (first come, first served: the
+    third would start in the fifth decode and the first be done after the second)."""
+    emb = small_packs(minilm_gguf)
+    try:
+        packs = recording_decodes(emb)
+
+        async def three() -> list[Any]:
+            with emb.batcher._cv:  # the worker picks nothing until all three are queued
+                tasks = [asyncio.create_task(emb.embed([SIXTEEN] * 4)) for _ in range(3)]
+                await asyncio.sleep(0)  # each task queues its request (the lock is re-entrant)
+                assert emb.stats()["requests"] == 3
+            return await asyncio.gather(*tasks)
+
+        run(three())
+        assert packs == [[0, 1], [2, 0], [1, 2], [0, 1], [2, 0], [1, 2]]
+    finally:
+        emb.close()
+        emb.model.close()
+
+
+def test_a_full_queue_refuses_before_tokenizing(minilm_gguf: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The place is reserved before the inputs are tokenized: a busy model refuses 2,048 texts
+    without tokenizing them, and a request whose tokenizing fails gives its place back."""
+    model = LlamaModel(minilm_gguf)
+    ms = ModelSettings(id="full", role="embedding", file="x", n_ctx=64, parallel=2)
+    emb = Embedder(model, ms, Limits(max_queue=0))
+    try:
+        places = [emb.batcher.reserve() for _ in range(emb.batcher.max_pending)]
+        with pytest.raises(QueueFull, match="busy"):
+            emb.batcher.reserve()
+        tokenized: list[int] = []
+        real = emb.sequences
+
+        def counted(inputs: Any, *a: Any, **kw: Any) -> Any:
+            tokenized.append(len(inputs))
+            return real(inputs, *a, **kw)
+
+        monkeypatch.setattr(emb, "sequences", counted)
+        with pytest.raises(QueueFull, match="busy"):
+            run(emb.embed(["a passage to ingest"] * 2048))
+        assert tokenized == []
+        places[0].release()
+        places[0].release()  # giving a place back twice gives back one
+        assert emb.stats()["requests_in_progress"] == len(places) - 1
+        with pytest.raises(ContextOverflow):
+            run(emb.embed(["word " * 200], truncate=False))
+        assert tokenized == [1] and emb.stats()["requests_in_progress"] == len(places) - 1
+        assert len(run(emb.embed(["served"])).vectors) == 1
+        for place in places[1:]:
+            place.release()
+        assert emb.stats()["requests_in_progress"] == 0
     finally:
         emb.close()
         model.close()

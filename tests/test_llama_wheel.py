@@ -66,6 +66,7 @@ def test_a_cached_wheel_is_reused_without_compiling(monkeypatch: pytest.MonkeyPa
         raise AssertionError(f"compiled although a wheel was cached: {args}")
 
     monkeypatch.setattr(lw.subprocess, "run", no_build)
+    monkeypatch.setattr(lw, "unpack_sources", lambda sdist, dest: dest)  # (compiling starts with this)
     assert lw.ensure_wheel(cfg, None) == wheel
     # Another configuration finds nothing in that folder and would compile.
     with pytest.raises(AssertionError, match="compiled"):

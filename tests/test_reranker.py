@@ -14,7 +14,7 @@ import pytest
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
 from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, RERANK_PROMPT
-from gguf_serve.engine.requests import ContextOverflow, InvalidRequest
+from gguf_serve.engine.requests import ContextOverflow, InvalidRequest, QueueFull
 from gguf_serve.engine.reranker import (
     CausalScorer,
     EmbeddingScorer,
@@ -151,6 +151,22 @@ def test_bad_requests_and_limits(tiny_pair: Any) -> None:
         with pytest.raises(ContextOverflow, match=r"documents\[1\].*limit of 512"):
             run(scorer.score(QUERY, ["short", "word " * 600]))
         assert scorer.stats()["requests_in_progress"] == 0
+
+
+def test_a_full_queue_refuses_before_tokenizing(tiny_pair: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    _, head, causal = tiny_pair
+    for scorer in (head, causal):
+        places = [scorer.batcher.reserve() for _ in range(scorer.batcher.max_pending)]
+        try:
+            monkeypatch.setattr(scorer, "_sequences", lambda *a: pytest.fail("tokenized a refused request"))
+            with pytest.raises(QueueFull, match="busy"):
+                run(scorer.score(QUERY, DOCS * 100))
+        finally:
+            monkeypatch.undo()
+            for place in places:
+                place.release()
+        assert scorer.stats()["requests_in_progress"] == 0
+        assert len(run(scorer.score(QUERY, DOCS[:2])).scores) == 2
 
 
 def test_raw_scores_are_the_relevance_logit_and_truncate_is_per_request(tiny_pair: Any) -> None:

@@ -13,7 +13,14 @@ import pytest
 
 from gguf_serve.engine.chat import ChatEngine
 from gguf_serve.engine.llama_runtime import DecodeError, LlamaModel
-from gguf_serve.engine.requests import Finished, QueueFull, SamplingParams, TextChunk
+from gguf_serve.engine.requests import (
+    ChatMessage,
+    ChatRequest,
+    Finished,
+    QueueFull,
+    SamplingParams,
+    TextChunk,
+)
 from gguf_serve.engine.scheduler import Generation, SlotState
 from gguf_serve.settings import Limits, ModelSettings
 from tests.e2e.server import demo_chat_gguf
@@ -122,6 +129,49 @@ def test_queue_full_then_served_once_there_is_room(model: LlamaModel) -> None:
 
         _, fin = asyncio.run(over_capacity())
         assert fin.completion_tokens == 3
+    finally:
+        assert engine.close()
+
+
+def test_a_full_queue_refuses_before_rendering_or_tokenizing(
+    model: LlamaModel, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ChatScheduler.check_capacity runs first: a busy server does not render templates or
+    tokenize prompts (of any length) only to refuse them in submit."""
+    engine = make_engine(model, parallel=1, max_queue=0)
+    try:
+
+        async def refused() -> tuple[str, Finished]:
+            busy = await engine.start_completion(STORY, params(max_tokens=500, ignore_eos=True))
+            slot = engine.scheduler.slots[0]
+            await asyncio.to_thread(wait_for, lambda: slot.job is not None)
+            calls: list[str] = []
+
+            def counted(name: str, real: Any) -> Any:
+                def wrapper(*a: Any, **kw: Any) -> Any:
+                    calls.append(name)
+                    return real(*a, **kw)
+
+                return wrapper
+
+            monkeypatch.setattr(engine, "render_now", counted("render", engine.render_now))
+            monkeypatch.setattr(engine, "tokenize_prompt", counted("tokenize", engine.tokenize_prompt))
+            chat = ChatRequest([ChatMessage(role="user", content=STORY * 50)], params())
+            with pytest.raises(QueueFull, match="busy"):
+                await engine.start_chat(chat)
+            with pytest.raises(QueueFull, match="busy"):
+                await engine.start_completion(STORY * 50, params())
+            assert calls == []
+            busy.cancel()
+            async for _ in busy:
+                pass
+            # with room again the same request is rendered, tokenized and served
+            stream = await engine.start_chat(ChatRequest([ChatMessage(role="user", content="Hi")], params()))
+            assert calls == ["render", "tokenize"]
+            return await collect(stream.generation)
+
+        _, fin = asyncio.run(refused())
+        assert fin.completion_tokens > 0
     finally:
         assert engine.close()
 

@@ -9,6 +9,12 @@ for non-causal models, attends) within one ubatch only, so the context's n_ubatc
 least the longest allowed input and the batch is never split. How many tokens go into
 one decode is the model's `n_ubatch` setting: small packs waste less attention on the
 masked pairs of other sequences, large ones make bigger matrix products.
+
+Requests take turns: each decode is packed round-robin over the requests with sequences
+waiting, one sequence of each in turn, so a one-text query waits for at most the decode
+in progress, not for the whole queue of a 16-text ingest that came before it. A caller
+reserves its place (`reserve`) before tokenizing, so a full server refuses a request without
+tokenizing thousands of inputs first.
 """
 
 from __future__ import annotations
@@ -43,6 +49,8 @@ Vector = npt.NDArray[np.float32]
 Readout = Callable[[LlamaContext, int, int], Vector]
 
 MAX_SEQ_PER_DECODE = 64
+# How far into one request's waiting sequences a pack looks for one that fits the room left.
+LOOK_AHEAD = 8
 
 
 def embedding_context(
@@ -80,18 +88,43 @@ class _Job:
     deliver: Callable[[list[Vector] | BaseException], None]
     results: list[Vector | None] = field(default_factory=list)
     remaining: int = 0
+    waiting: deque[int] = field(default_factory=deque)  # indices of the sequences not yet decoded
     finished: bool = False  # delivered, failed or abandoned by its caller
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.seqs)
         self.remaining = len(self.seqs)
+        self.waiting = deque(range(len(self.seqs)))
+
+
+class Reservation:
+    """A request's place in a SequenceBatcher, taken before its inputs are tokenized.
+
+    `SequenceBatcher.run` takes it over; leaving the `with` block without that (tokenizing
+    failed, the caller was cancelled) gives the place back."""
+
+    def __init__(self, batcher: SequenceBatcher) -> None:
+        self._batcher = batcher
+        self.held = True
+
+    def __enter__(self) -> Reservation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def release(self) -> None:
+        self._batcher._release(self)
 
 
 class SequenceBatcher:
     """One thread, one context: whole sequences from any number of requests, packed into decodes.
 
-    Each decode takes up to n_batch tokens and n_seq_max sequences, first come first served
-    (with a short look-ahead so a long sequence does not leave the batch half empty).
+    Each decode takes up to `pack_tokens` tokens and n_seq_max sequences, round-robin over
+    the requests with sequences waiting (one sequence of each in turn, with a short look-ahead
+    within each request so a long sequence does not leave the pack half empty). A request
+    that got a sequence into a decode goes to the back of the line; one whose sequences did not
+    fit stays at the front for the next decode.
     """
 
     def __init__(
@@ -107,8 +140,9 @@ class SequenceBatcher:
         self.max_pending = max(1, max_queue + self.n_seq_max)  # requests, queued or running
         self._batch = Batch(self.n_batch, 1)
         self._all_outputs = ctx.params.embeddings  # llama.cpp outputs every token when pooling anyway
-        self._pending: deque[tuple[_Job, int]] = deque()
-        self._jobs = 0
+        self._queue: deque[_Job] = deque()  # requests with sequences waiting, in turn order
+        self._n_waiting = 0  # sequences waiting, over every request in the queue
+        self._jobs = 0  # requests reserved, queued or running
         self._cv = threading.Condition()
         self._stopping = False
         self._freed = False
@@ -122,9 +156,37 @@ class SequenceBatcher:
         self._thread.start()
 
     # --- event loop side --------------------------------------------------------------------
-    async def run(self, seqs: list[list[int]]) -> list[Vector]:
-        """Decode every sequence (each at most n_batch tokens); results in input order."""
+    def reserve(self) -> Reservation:
+        """A place for one request, or NotReady / QueueFull now: cheap, so a caller checks it
+        before tokenizing. Use it as `with batcher.reserve() as r: ... await batcher.run(seqs, r)`."""
+        with self._cv:
+            self._check_capacity()
+            self._jobs += 1
+        return Reservation(self)
+
+    def _check_open(self) -> None:
+        if self._dead is not None:
+            raise EngineError(f"model {self.name} cannot serve: {self._dead}")
+        if self._stopping:
+            raise NotReady(f"model {self.name} is shutting down")
+
+    def _check_capacity(self) -> None:
+        self._check_open()
+        if self._jobs >= self.max_pending:
+            raise QueueFull(f"model {self.name} is busy: {self._jobs} requests in progress; retry later")
+
+    def _release(self, r: Reservation) -> None:
+        with self._cv:
+            if r.held:
+                r.held = False
+                self._jobs -= 1
+
+    async def run(self, seqs: list[list[int]], reserved: Reservation | None = None) -> list[Vector]:
+        """Decode every sequence (each at most n_batch tokens); results in input order.
+        `reserved`: the place `reserve` gave this request (taken over); None: take one now."""
         if not seqs:
+            if reserved is not None:
+                reserved.release()
             return []
         loop = asyncio.get_running_loop()
         fut: asyncio.Future[list[Vector]] = loop.create_future()
@@ -143,15 +205,15 @@ class SequenceBatcher:
 
         job = _Job(seqs, deliver)
         with self._cv:
-            if self._dead is not None:
-                raise EngineError(f"model {self.name} cannot serve: {self._dead}")
-            if self._stopping:
-                raise NotReady(f"model {self.name} is shutting down")
-            if self._jobs >= self.max_pending:
-                raise QueueFull(f"model {self.name} is busy: {self._jobs} requests in progress; retry later")
-            self._jobs += 1
+            if reserved is not None and reserved.held:
+                self._check_open()
+                reserved.held = False  # its place is now this job's, given back by _end
+            else:
+                self._check_capacity()
+                self._jobs += 1
             self.n_requests += 1
-            self._pending.extend((job, i) for i in range(len(seqs)))
+            self._queue.append(job)
+            self._n_waiting += len(seqs)
             self._cv.notify()
         try:
             return await fut
@@ -165,7 +227,7 @@ class SequenceBatcher:
             "tokens": float(self.n_tokens),
             "decodes": float(self.n_decodes),
             "decode_seconds": self.decode_s,
-            "pending_sequences": float(len(self._pending)),
+            "pending_sequences": float(self._n_waiting),
             "requests_in_progress": float(self._jobs),
         }
 
@@ -200,15 +262,16 @@ class SequenceBatcher:
 
     def _fail_all(self, err: EngineError) -> None:
         with self._cv:
-            left = {id(j): j for j, _ in self._pending}
-            self._pending.clear()
-        for job in left.values():
+            left = list(self._queue)
+            self._queue.clear()
+            self._n_waiting = 0
+        for job in left:
             self._fail(job, err)
 
     def _serve(self) -> None:
         while True:
             with self._cv:
-                while not self._stopping and not self._pending:
+                while not self._stopping and not self._queue:
                     self._cv.wait()
                 if self._stopping:
                     break
@@ -226,26 +289,37 @@ class SequenceBatcher:
         self._fail_all(NotReady(f"model {self.name} is shutting down"))
 
     def _pick(self) -> list[tuple[_Job, int]]:
-        """Called with the lock held: the sequences of the next decode."""
+        """Called with the lock held: the sequences of the next decode, requests taking turns."""
         picked: list[tuple[_Job, int]] = []
-        kept: list[tuple[_Job, int]] = []
         room = self.pack_tokens
-        scanned = 0
-        while self._pending and len(picked) < self.n_seq_max and scanned < 4 * self.n_seq_max:
-            job, i = self._pending.popleft()
-            if job.finished:
+        passed: list[_Job] = []  # nothing of theirs fitted this pack: first in line next time
+        while self._queue and len(picked) < self.n_seq_max and room > 0:
+            job = self._queue.popleft()
+            if job.finished or not job.waiting:
                 continue
-            scanned += 1
-            n = len(job.seqs[i])
-            if n <= room or not picked:
-                picked.append((job, i))
-                room -= n
-                if room <= 0:
-                    break
-            else:
-                kept.append((job, i))
-        self._pending.extendleft(reversed(kept))
+            k = self._fitting(job, room, alone=not picked)
+            if k is None:
+                passed.append(job)
+                continue
+            i = job.waiting[k]
+            del job.waiting[k]
+            self._n_waiting -= 1
+            picked.append((job, i))
+            room -= len(job.seqs[i])
+            if job.waiting:
+                self._queue.append(job)
+        self._queue.extendleft(reversed(passed))
         return picked
+
+    def _fitting(self, job: _Job, room: int, alone: bool) -> int | None:
+        """Where in `job.waiting` the next sequence that fits `room` is (the first one, whatever
+        its length, when it would go alone), looking at most LOOK_AHEAD ahead."""
+        if alone:
+            return 0
+        for k in range(min(LOOK_AHEAD, len(job.waiting))):
+            if len(job.seqs[job.waiting[k]]) <= room:
+                return k
+        return None
 
     def _decode(self, picked: list[tuple[_Job, int]]) -> None:
         batch = self._batch
@@ -292,8 +366,10 @@ class SequenceBatcher:
                 return False
             job.finished = True
             self._jobs -= 1
-            if job.remaining > 0 and self._pending:  # abandoned: drop its queued sequences now
-                self._pending = deque(p for p in self._pending if p[0] is not job)
+            if job.waiting:  # abandoned or failed: drop its queued sequences now
+                self._n_waiting -= len(job.waiting)
+                job.waiting.clear()
+                self._queue = deque(j for j in self._queue if j is not job)
             return True
 
 

@@ -187,6 +187,7 @@ class ChatEngine(Vocabulary):
         return await off_loop(lambda: self._start_completions(prompt, params, n, loop), _cancel_each)
 
     def _start_chats(self, req: ChatRequest, n: int, loop: asyncio.AbstractEventLoop) -> list[ChatStream]:
+        self.scheduler.check_capacity()  # a full queue refuses before rendering and tokenizing
         prompt = self.render_now(req)
         tokens = self.tokenize_prompt(prompt)
         params = req.params
@@ -210,6 +211,7 @@ class ChatEngine(Vocabulary):
     def _start_completions(
         self, prompt: str | list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop
     ) -> list[Generation]:
+        self.scheduler.check_capacity()  # a full queue refuses before tokenizing
         tokens = self.tokenize_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise InvalidRequest("prompt must not be empty", "prompt")

@@ -155,10 +155,11 @@ class Embedder(BatchedEngine, Vocabulary):
                 "dimensions",
             )
         n_chars = sum(len(x) for x in inputs)
-        seqs = await tokenize_off_loop(
-            n_chars, lambda: self.sequences(inputs, instruction, truncate, cut_left)
-        )
-        raw = await self.batcher.run(seqs)
+        with self.batcher.reserve() as place:  # a full queue refuses before any tokenizing
+            seqs = await tokenize_off_loop(
+                n_chars, lambda: self.sequences(inputs, instruction, truncate, cut_left)
+            )
+            raw = await self.batcher.run(seqs, place)
         unit = self.settings.normalize if normalize is None else normalize
         vectors: list[Vector] = []
         for v in raw:

@@ -178,8 +178,9 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
         instr = instruction or self.settings.rerank_instruction
         cut = self.settings.truncate if truncate is None else truncate
         n_chars = sum(len(d) for d in documents)
-        seqs = await tokenize_off_loop(n_chars, lambda: self._sequences(query, documents, instr, cut))
-        outs = await self.batcher.run(seqs)
+        with self.batcher.reserve() as place:  # a full queue refuses before any tokenizing
+            seqs = await tokenize_off_loop(n_chars, lambda: self._sequences(query, documents, instr, cut))
+            outs = await self.batcher.run(seqs, place)
         scores = [min(1.0, max(0.0, self._to_score(o))) for o in outs]
         return RerankResult(scores, sum(len(s) for s in seqs), [self._to_raw(o) for o in outs])
 

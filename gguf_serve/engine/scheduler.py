@@ -188,6 +188,27 @@ class ChatScheduler:
                 "max_tokens",
             )
 
+    def check_capacity(self) -> None:
+        """NotReady or QueueFull now, as `submit` would: cheap, so a caller checks it before
+        rendering and tokenizing a prompt. `submit` checks again (the authoritative check:
+        other requests may have been queued meanwhile)."""
+        with self._cv:
+            self._check_room()
+
+    def _check_room(self) -> None:
+        """With the lock held: EngineError (the thread died), NotReady or QueueFull."""
+        if self._dead is not None:
+            raise EngineError(f"model {self.name} cannot serve: {self._dead}")
+        if self._stopping:
+            raise NotReady(f"model {self.name} is shutting down")
+        free = sum(1 for s in self.slots if s.job is None)
+        if len(self._waiting) >= free + self.max_queue:
+            raise QueueFull(
+                f"model {self.name} is busy: {len(self.slots)} slots in use and {len(self._waiting)} "
+                "requests waiting; retry later",
+                retry_after_s=1.0,
+            )
+
     def submit(
         self, prompt: list[int], params: SamplingParams, n: int, loop: asyncio.AbstractEventLoop
     ) -> list[Job]:
@@ -212,21 +233,12 @@ class ChatScheduler:
         job = jobs[0]
         job.forks = jobs[1:]
         with self._cv:
-            if self._stopping:
+            try:
+                self._check_room()
+            except EngineError:
                 for j in jobs:
                     j.sampler.free()
-                if self._dead is not None:
-                    raise EngineError(f"model {self.name} cannot serve: {self._dead}")
-                raise NotReady(f"model {self.name} is shutting down")
-            free = sum(1 for s in self.slots if s.job is None)
-            if len(self._waiting) >= free + self.max_queue:
-                for j in jobs:
-                    j.sampler.free()
-                raise QueueFull(
-                    f"model {self.name} is busy: {len(self.slots)} slots in use and {len(self._waiting)} "
-                    "requests waiting; retry later",
-                    retry_after_s=1.0,
-                )
+                raise
             self._waiting.append(job)
             self._cv.notify()
         return jobs

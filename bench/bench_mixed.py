@@ -1,0 +1,258 @@
+"""Mixed RAG load, shaped like RAGFlow (issue 19, item 4): an ingest of document chunks in
+16-text embedding requests while users chat and send query embeddings and reranks, against
+each of those alone on the idle server.
+
+    .venv/bin/python -m bench.bench_mixed [--chunks 200] [--profile demo] [--out FILE]
+
+Phases, on one server: idle query embeddings (one sentence each, one at a time), idle chat
+(`--chat-users` streams at once), idle ingest (`--chunks` texts in requests of 16 from
+`--ingest-clients` clients); then everything at once until the ingest is done: the ingest,
+`--chat-users` users chatting in a loop, `--query-users` users each sending a query embedding
+then a rerank of 8 passages in a loop. The server's RSS is sampled every second throughout.
+Reported: query-embedding p50/p95 under load vs idle, chat tok/s vs idle, ingest texts/s vs
+idle, RSS first/max/last. Issue 19's goals: p95 <= 2x idle, chat >= 0.5x, ingest >= 0.5x, RSS
+flat. Issue 19 asks for 2,000 chunks and a 10-minute run; the default here is scaled down.
+
+Not a test: numbers depend on the machine; note the load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import random
+import statistics
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+
+from bench.bench_embed import make_texts
+from bench.servers import BenchServer, rss_mib
+from tests.e2e.server import free_port
+
+BATCH = 16
+QUERIES = [
+    "How do I reset my password?",
+    "What is the refund policy for annual plans?",
+    "Which regions does the service run in?",
+    "How long are backups kept?",
+    "Can I export my data as CSV?",
+    "Who can see the audit log?",
+]
+CHAT = [
+    "Summarize in three sentences why retrieval helps a language model answer questions.",
+    "Write a short note to a colleague about tomorrow's meeting.",
+    "Explain what an embedding is to a new engineer.",
+    "List five things to check before a database migration.",
+]
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, round(q * (len(xs) - 1)))] if xs else float("nan")
+
+
+class Models:
+    def __init__(self, url: str) -> None:
+        ids = {m["id"]: m for m in httpx.get(url + "/v1/models", timeout=30).json()["data"]}
+        self.chat = next(i for i in ids if "embed" not in i and "rerank" not in i)
+        self.embed = next(i for i in ids if "embed" in i)
+        self.rerank = next(i for i in ids if "rerank" in i)
+
+
+async def query_embed(client: httpx.AsyncClient, models: Models, q: str) -> float:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/embeddings", json={"model": models.embed, "input": [q]})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+async def rerank(client: httpx.AsyncClient, models: Models, q: str, docs: list[str]) -> float:
+    t0 = time.perf_counter()
+    r = await client.post("/v1/rerank", json={"model": models.rerank, "query": q, "documents": docs})
+    r.raise_for_status()
+    return time.perf_counter() - t0
+
+
+async def chat_once(client: httpx.AsyncClient, models: Models, prompt: str, tokens: int) -> int:
+    r = await client.post(
+        "/v1/chat/completions",
+        json={
+            "model": models.chat,
+            "messages": [{"role": "user", "content": prompt}],
+            "max_tokens": tokens,
+            "ignore_eos": True,
+        },
+    )
+    r.raise_for_status()
+    return int(r.json()["usage"]["completion_tokens"])
+
+
+async def ingest(client: httpx.AsyncClient, models: Models, chunks: list[str], clients: int) -> float:
+    """texts/s of the whole ingest."""
+    queue = [chunks[i : i + BATCH] for i in range(0, len(chunks), BATCH)]
+
+    async def worker() -> None:
+        while queue:
+            batch = queue.pop(0)
+            r = await client.post("/v1/embeddings", json={"model": models.embed, "input": batch})
+            r.raise_for_status()
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(clients)))
+    return len(chunks) / (time.perf_counter() - t0)
+
+
+async def chat_rate(client: httpx.AsyncClient, models: Models, users: int, tokens: int) -> float:
+    t0 = time.perf_counter()
+    counts = await asyncio.gather(
+        *(chat_once(client, models, CHAT[i % len(CHAT)], tokens) for i in range(users))
+    )
+    return sum(counts) / (time.perf_counter() - t0)
+
+
+async def run_phases(url: str, args: argparse.Namespace) -> dict[str, object]:
+    models = Models(url)
+    chunks = make_texts(args.chunks, args.words, seed=3)
+    passages = make_texts(8, args.words, seed=4)
+    async with httpx.AsyncClient(base_url=url, timeout=900) as client:
+        # warm-up: every model once
+        await query_embed(client, models, QUERIES[0])
+        await rerank(client, models, QUERIES[0], passages)
+        await chat_once(client, models, CHAT[0], 8)
+        idle_q = [
+            await query_embed(client, models, QUERIES[i % len(QUERIES)]) for i in range(args.idle_queries)
+        ]
+        idle_rr = [await rerank(client, models, QUERIES[i % len(QUERIES)], passages) for i in range(3)]
+        idle_chat = await chat_rate(client, models, args.chat_users, args.chat_tokens)
+        idle_ingest = await ingest(client, models, chunks, args.ingest_clients)
+
+        done = asyncio.Event()
+        load_q: list[float] = []
+        load_rr: list[float] = []
+        chat_tokens = 0
+
+        async def chat_user(i: int) -> None:
+            nonlocal chat_tokens
+            while not done.is_set():
+                chat_tokens += await chat_once(client, models, CHAT[i % len(CHAT)], args.chat_tokens)
+
+        async def query_user(i: int) -> None:
+            rng = random.Random(i)
+            while not done.is_set():
+                q = rng.choice(QUERIES)
+                load_q.append(await query_embed(client, models, q))
+                if done.is_set():
+                    break
+                load_rr.append(await rerank(client, models, q, passages))
+                await asyncio.sleep(rng.uniform(0.05, 0.25))  # a user reads before the next search
+
+        async def ingest_then_stop() -> float:
+            try:
+                return await ingest(client, models, chunks, args.ingest_clients)
+            finally:
+                done.set()
+
+        t0 = time.perf_counter()
+        users = [asyncio.create_task(chat_user(i)) for i in range(args.chat_users)]
+        users += [asyncio.create_task(query_user(i)) for i in range(args.query_users)]
+        load_ingest = await ingest_then_stop()
+        await asyncio.gather(*users)  # each ends its request in flight
+        wall = time.perf_counter() - t0
+    return {
+        "idle_q": idle_q,
+        "idle_rr": idle_rr,
+        "idle_chat": idle_chat,
+        "idle_ingest": idle_ingest,
+        "load_q": load_q,
+        "load_rr": load_rr,
+        "load_chat": chat_tokens / wall,
+        "load_ingest": load_ingest,
+        "wall": wall,
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--profile", default="demo")
+    ap.add_argument("--chunks", type=int, default=200, help="texts ingested (issue 19: 2,000)")
+    ap.add_argument("--words", type=int, default=120, help="words per chunk (~150 MiniLM tokens)")
+    ap.add_argument("--ingest-clients", type=int, default=4)
+    ap.add_argument("--chat-users", type=int, default=4)
+    ap.add_argument("--query-users", type=int, default=4)
+    ap.add_argument("--chat-tokens", type=int, default=64)
+    ap.add_argument("--idle-queries", type=int, default=20)
+    ap.add_argument("--out", type=Path, help="also write the table here")
+    ap.add_argument(
+        "--code",
+        type=Path,
+        default=None,
+        help="serve the gguf_serve found in this folder (e.g. `git archive` of another commit), run from there",
+    )
+    args = ap.parse_args()
+
+    load0 = f"{os.getloadavg()[0]:.2f}"
+    port = free_port()
+    cmd = [sys.executable, "-m", "gguf_serve", "serve", "--profile", args.profile, "--port", str(port)]
+    srv = BenchServer("gguf-serve", cmd, port, *([args.code.resolve()] if args.code else []))
+    rss: list[tuple[float, float]] = []
+    stop = threading.Event()
+
+    def sample() -> None:
+        t0 = time.monotonic()
+        while not stop.is_set():
+            rss.append((time.monotonic() - t0, rss_mib(srv.proc.pid)))
+            stop.wait(1.0)
+
+    try:
+        srv.wait_ready()
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+        res = asyncio.run(run_phases(srv.base_url, args))
+    finally:
+        stop.set()
+        srv.stop()
+
+    iq, lq = res["idle_q"], res["load_q"]
+    assert isinstance(iq, list) and isinstance(lq, list)
+    irr, lrr = res["idle_rr"], res["load_rr"]
+    assert isinstance(irr, list) and isinstance(lrr, list)
+    f = {k: float(v) for k, v in res.items() if isinstance(v, float)}  # type: ignore[arg-type]
+    mib = [m for _, m in rss if m > 0]
+    cmd_s = "python -m bench.bench_mixed " + " ".join(sys.argv[1:])
+    lines = [
+        f"Command: `{cmd_s.strip()}`  ",
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs; load average before/after: {load0} / "
+        f"{os.getloadavg()[0]:.2f}. Code: {args.code or 'this checkout'}. Profile: {args.profile}. Mixed phase: {f['wall']:.0f} s, {args.chunks} "
+        f"chunks of {args.words} words in requests of {BATCH} from {args.ingest_clients} clients, "
+        f"{args.chat_users} chat users ({args.chat_tokens} tokens each answer), {args.query_users} query users "
+        "(a one-sentence embedding, then a rerank of 8 passages).",
+        "",
+        "| | idle | under mixed load | ratio | goal (issue 19) |",
+        "|---|---:|---:|---:|---|",
+        f"| query embedding p50 | {pct(iq, 0.5) * 1000:.0f} ms | {pct(lq, 0.5) * 1000:.0f} ms | "
+        f"{pct(lq, 0.5) / pct(iq, 0.5):.1f}x | |",
+        f"| query embedding p95 | {pct(iq, 0.95) * 1000:.0f} ms | {pct(lq, 0.95) * 1000:.0f} ms | "
+        f"{pct(lq, 0.95) / pct(iq, 0.95):.1f}x | <= 2x |",
+        f"| rerank of 8 passages p50 | {statistics.median(irr) * 1000:.0f} ms | "
+        f"{(statistics.median(lrr) if lrr else float('nan')) * 1000:.0f} ms | | |",
+        f"| chat tok/s ({args.chat_users} users) | {f['idle_chat']:.1f} | {f['load_chat']:.1f} | "
+        f"{f['load_chat'] / f['idle_chat']:.2f}x | >= 0.5x |",
+        f"| ingest texts/s | {f['idle_ingest']:.1f} | {f['load_ingest']:.1f} | "
+        f"{f['load_ingest'] / f['idle_ingest']:.2f}x | >= 0.5x |",
+        f"| server RSS MiB (first / max / last sample, {len(mib)} samples) | | "
+        f"{mib[0]:.0f} / {max(mib):.0f} / {mib[-1]:.0f} | | flat |",
+        f"| query embeddings measured | {len(iq)} | {len(lq)} | | |",
+    ]
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":
+    main()
