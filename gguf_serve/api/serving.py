@@ -15,7 +15,7 @@ from fastapi import Request
 from gguf_serve.api.errors import error_body
 from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, RerankModel
 from gguf_serve.engine.registry import E, LoadedModel, ModelRegistry
-from gguf_serve.engine.requests import EngineError, Finished
+from gguf_serve.engine.requests import EngineError, Finished, InvalidRequest
 from gguf_serve.settings import Limits, Role
 
 
@@ -90,6 +90,8 @@ class ServingContext(Generic[E]):
         if self.metrics is not None:
             self.metrics.add_tokens(self.loaded.settings.id, fin.prompt_tokens, fin.completion_tokens)
         if fin.reason == "error":
+            if fin.error_status == 400:
+                raise InvalidRequest(fin.error or "invalid request", "grammar")
             raise GenerationFailed(fin.error or "generation failed")
         if fin.reason == "cancelled":
             fin.reason = "length"  # the server shut down mid-answer: what it made is returned

@@ -106,6 +106,7 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     error: str | None = None
+    error_status: int = 500  # 400: the request itself made the generation fail (its grammar)
 
 
 GenerationEvent = TextChunk | Finished
