@@ -316,3 +316,45 @@ def check_grammar(text: str, n_vocab: int | None = None, root: str = "root") -> 
     if size > MAX_GRAMMAR_BYTES:
         raise GrammarError(f"the grammar is {size} bytes; the limit is {MAX_GRAMMAR_BYTES}")
     _Parser(text, n_vocab).parse(root)
+
+
+# --- JSON schemas (response_format, json_schema, tools' parameters) ------------------------------
+MAX_SCHEMA_DEPTH = 32  # nested objects/arrays in the schema document
+MAX_SCHEMA_BYTES = 64 * 1024  # the schema as compact JSON
+# llama.cpp's converter writes a string's or an array's bounds out as that many copies of a
+# rule: {"maxLength": 100000000} is an 800 MB grammar built in Python before any check.
+MAX_SCHEMA_REPETITION = 10_000
+_REPEAT_KEYS = ("minLength", "maxLength", "minItems", "maxItems", "minProperties", "maxProperties")
+
+
+def check_json_schema(schema: object, what: str = "JSON schema") -> None:
+    """Raise GrammarError when a JSON schema is too deep, too big, or asks for repetition
+    counts the grammar converter would expand into something huge."""
+    import json
+    import re
+
+    # Depth first, without recursion (json.dumps of a 100,000-deep document would recurse).
+    stack: list[tuple[object, int]] = [(schema, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise GrammarError(f"the {what} is nested deeper than {MAX_SCHEMA_DEPTH} levels")
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key in _REPEAT_KEYS and isinstance(value, int | float) and value > MAX_SCHEMA_REPETITION:
+                    raise GrammarError(f"the {what}'s {key} is over {MAX_SCHEMA_REPETITION}")
+                if key == "pattern" and isinstance(value, str):
+                    counts = re.findall(r"\{\s*(\d+)", value) + re.findall(r",\s*(\d+)\s*\}", value)
+                    if any(len(c) > 6 or int(c) > MAX_SCHEMA_REPETITION for c in counts):
+                        raise GrammarError(
+                            f"the {what}'s pattern repeats more than {MAX_SCHEMA_REPETITION} times"
+                        )
+                stack.append((value, depth + 1))
+        elif isinstance(node, list):
+            stack.extend((value, depth + 1) for value in node)
+    try:
+        size = len(json.dumps(schema, separators=(",", ":"), allow_nan=False))
+    except (ValueError, TypeError) as e:
+        raise GrammarError(f"the {what} is not JSON: {e}") from None
+    if size > MAX_SCHEMA_BYTES:
+        raise GrammarError(f"the {what} is {size} bytes; the limit is {MAX_SCHEMA_BYTES}")

@@ -138,7 +138,6 @@ class ChatRequest:
     tool_choice: Any = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     parse_reasoning: bool = True
-    response_format: dict[str, Any] | None = None
     # Assistant prefill (vLLM's and llama-server's fields): the answer continues the last
     # (assistant) message instead of starting a new one.
     continue_final_message: bool = False

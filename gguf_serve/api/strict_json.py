@@ -1,0 +1,57 @@
+"""Request bodies as strict JSON: NaN, Infinity and numbers that overflow to infinity
+(1e999) are not JSON, though Python's json module reads them. Every JSON route's body goes
+through here, fields typed Any or dict included, and such a body is a 400
+("the request body is not valid JSON: ...") in the route's own error shape."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+from fastapi import Request, Response
+from fastapi.routing import APIRoute
+
+_NOT_FINITE = "NaN and Infinity are not JSON numbers"
+
+
+def _constant(name: str) -> Any:
+    raise ValueError(f"{_NOT_FINITE} ({name})")
+
+
+def _float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{_NOT_FINITE} ({text} overflows a double)")
+    return value
+
+
+def loads_strict(body: bytes | str) -> Any:
+    """json.loads without NaN/Infinity; raises json.JSONDecodeError like a syntax error."""
+    doc = body.decode("utf-8", "replace") if isinstance(body, bytes) else body
+    try:
+        return json.loads(body, parse_constant=_constant, parse_float=_float)
+    except ValueError as e:
+        if isinstance(e, json.JSONDecodeError):
+            raise
+        raise json.JSONDecodeError(str(e), doc, 0) from None
+
+
+class StrictJSONRequest(Request):
+    async def json(self) -> Any:
+        if not hasattr(self, "_json"):
+            self._json = loads_strict(await self.body())
+        return self._json
+
+
+class StrictJSONRoute(APIRoute):
+    """FastAPI reads a JSON body with request.json(): this route's request reads it strictly."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def strict_handler(request: Request) -> Response:
+            return await handler(StrictJSONRequest(request.scope, request.receive))
+
+        return strict_handler
