@@ -75,8 +75,8 @@ FUZZ_SECONDS ?= 300
 FUZZ_REPORT ?= build/fuzz-report.json
 fuzz: install-test
 	mkdir -p $(dir $(FUZZ_REPORT))
-	GGUF_SERVE_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) GGUF_SERVE_FUZZ_SECONDS=$(FUZZ_SECONDS) \
-	GGUF_SERVE_FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
 		$(BIN)/python -m pytest -q -ra -p no:cacheprovider tests/e2e/test_schema_fuzz_e2e.py $(PYTEST_ARGS)
 	@cat $(FUZZ_REPORT)
 

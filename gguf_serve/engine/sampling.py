@@ -43,7 +43,8 @@ class SamplerChain:
             g = llama.llama_sampler_init_grammar(model.vocab, p.grammar.encode(), b"root")
             if not g:
                 raise InvalidRequest(
-                    "the grammar (from response_format or tools) could not be parsed", "grammar"
+                    "llama.cpp could not parse the grammar (left recursion, or a <token> that is not exactly one token?)",
+                    "grammar",
                 )
             self.grammar = g
             self.n_vocab = model.n_vocab
