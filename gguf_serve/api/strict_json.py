@@ -45,6 +45,15 @@ class StrictJSONRequest(Request):
         return self._json
 
 
+def strict_request(request: Request) -> StrictJSONRequest:
+    """The request as a StrictJSONRequest. A subclass route that reads the body again after the
+    handler (TEI's error shape) must call this first and pass the same object on: the body is
+    read from the connection once, and cached on the object that read it."""
+    if isinstance(request, StrictJSONRequest):
+        return request
+    return StrictJSONRequest(request.scope, request.receive)
+
+
 class StrictJSONRoute(APIRoute):
     """FastAPI reads a JSON body with request.json(): this route's request reads it strictly."""
 
@@ -52,6 +61,6 @@ class StrictJSONRoute(APIRoute):
         handler = super().get_route_handler()
 
         async def strict_handler(request: Request) -> Response:
-            return await handler(StrictJSONRequest(request.scope, request.receive))
+            return await handler(strict_request(request))
 
         return strict_handler

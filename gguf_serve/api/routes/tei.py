@@ -31,7 +31,7 @@ from gguf_serve.api.protocol.tei import (
 )
 from gguf_serve.api.routes import rerank as jina
 from gguf_serve.api.serving import RequestTimeout, ServingContext
-from gguf_serve.api.strict_json import StrictJSONRoute
+from gguf_serve.api.strict_json import StrictJSONRoute, strict_request
 from gguf_serve.engine.requests import EngineError
 from gguf_serve.settings import Settings
 
@@ -55,6 +55,7 @@ class TEIRoute(StrictJSONRoute):
         handler = super().get_route_handler()
 
         async def tei_handler(request: Request) -> Response:
+            request = strict_request(request)  # one object, so the body read below is cached
             try:
                 return await handler(request)
             except (RequestValidationError, EngineError) as exc:
