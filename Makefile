@@ -26,10 +26,10 @@ LLAMA_STAMP := $(VENV)/.stamp-llama-$(LLAMA_KEY)
 STAMP := $(VENV)/.installed-$(LLAMA_KEY)
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: install install-test run test lint bench llama-server convert docker gpu-kit gpu-check clean help
+.PHONY: install install-test run test fuzz lint bench llama-server convert docker gpu-kit gpu-check clean help
 
 help:
-	@echo "make run | test | install | lint | bench [REAL=1] | llama-server | convert [MODELS=a,b] | docker | gpu-kit | gpu-check"
+	@echo "make run | test | fuzz | install | lint | bench [REAL=1] | llama-server | convert [MODELS=a,b] | docker | gpu-kit | gpu-check"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -67,6 +67,19 @@ run: install
 
 test: install-test
 	$(BIN)/python -m pytest -q -ra $(PYTEST_ARGS)
+
+# The long fuzz campaign (docs/fuzzing.md): schemathesis over every route, issue 18's cases and
+# the GBNF fuzzer against a server on loopback. Stops by itself: FUZZ_EXAMPLES per operation
+# (and for the grammar fuzzer), at most FUZZ_SECONDS per test; the counts land in FUZZ_REPORT.
+FUZZ_EXAMPLES ?= 2000
+FUZZ_SECONDS ?= 300
+FUZZ_REPORT ?= build/fuzz-report.json
+fuzz: install-test
+	mkdir -p $(dir $(FUZZ_REPORT))
+	FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) FUZZ_SECONDS=$(FUZZ_SECONDS) \
+	FUZZ_REPORT=$(abspath $(FUZZ_REPORT)) \
+		$(BIN)/python -m pytest -q -ra -p no:cacheprovider tests/e2e/test_schema_fuzz_e2e.py $(PYTEST_ARGS)
+	@cat $(FUZZ_REPORT)
 
 lint: install
 	$(BIN)/ruff check gguf_serve tests bench scripts

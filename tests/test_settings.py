@@ -201,3 +201,29 @@ def test_a_near_miss_of_a_renamed_key_names_its_new_name(profile: Path) -> None:
     profile.write_text(PROFILE + '[[models]]\nid = "e"\nfile = "x"\nconvert_fro = "pypi:a/b"\n')
     with pytest.raises(SettingsError, match=r"convert_fro \(did you mean source\?\)"):
         load_settings(str(profile))
+
+
+@pytest.mark.parametrize("name", ["demo", "cpu", "cuda"])
+def test_every_profile_bounds_a_generation_by_default(name: str) -> None:
+    """Issue 18: a request without max_tokens (RAGFlow's) stops at the profile's cap, not at a
+    full context; a client's explicit max_tokens still wins, up to the context."""
+    from gguf_serve.api.protocol.chat import ChatCompletionRequest
+
+    settings = load_settings(name)
+    chats = [m for m in settings.models if m.role == "chat"]
+    assert chats
+    for ms in chats:
+        cap = ms.sampling.max_tokens
+        assert cap is not None and 256 <= cap < (ms.n_ctx or 1 << 30), (ms.id, cap)
+        body = {"messages": [{"role": "user", "content": "hi"}]}
+        req = ChatCompletionRequest.model_validate(body).to_engine(ms, settings.limits)
+        assert req.params.max_tokens == cap
+        more = cap * 2
+        req = ChatCompletionRequest.model_validate({**body, "max_tokens": more}).to_engine(
+            ms, settings.limits
+        )
+        assert req.params.max_tokens == more
+        req = ChatCompletionRequest.model_validate({**body, "max_completion_tokens": 7}).to_engine(
+            ms, settings.limits
+        )
+        assert req.params.max_tokens == 7

@@ -15,7 +15,7 @@ from fastapi import Request
 from gguf_serve.api.errors import error_body
 from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, RerankModel
 from gguf_serve.engine.registry import E, LoadedModel, ModelRegistry
-from gguf_serve.engine.requests import EngineError, EngineUnavailable, Finished
+from gguf_serve.engine.requests import EngineError, EngineUnavailable, Finished, InvalidRequest
 from gguf_serve.settings import Limits, Role
 
 
@@ -90,7 +90,9 @@ class ServingContext(Generic[E]):
         if self.metrics is not None:
             self.metrics.add_tokens(self.loaded.settings.id, fin.prompt_tokens, fin.completion_tokens)
         if fin.reason == "error":
-            if fin.unavailable:
+            if fin.error_status == 400:
+                raise InvalidRequest(fin.error or "invalid request", "grammar")
+            if fin.error_status == 503:
                 raise EngineUnavailable(fin.error or "the model's engine is restarting; retry shortly")
             raise GenerationFailed(fin.error or "generation failed")
         if fin.reason == "cancelled":

@@ -251,14 +251,29 @@ class SequenceBatcher:
 
     # --- the worker thread ------------------------------------------------------------------
     def _run(self) -> None:
+        picked: list[tuple[_Job, int]] = []  # the decode in progress: out of the queue already
         try:
-            self._serve()
+            while True:
+                with self._cv:
+                    while not self._stopping and not self._queue:
+                        self._cv.wait()
+                    if self._stopping:
+                        break
+                    picked = self._pick()
+                if picked:
+                    self._decode(picked)
+                    picked = []
         except BaseException as e:  # never leave requests waiting on a thread that is gone
             log.exception("%s: the embedding worker thread died", self.name)
-            with self._cv:
+            with self._cv:  # first, so that whoever its failure wakes sees the engine failed
                 self._dead = f"the worker thread died: {type(e).__name__}: {e}"
                 self._stopping = True
-            self._fail_all(EngineError(f"model {self.name} could not process this input (worker failed)"))
+            err = EngineError(f"model {self.name} could not process this input (worker failed)")
+            for job, _ in picked:
+                self._fail(job, err)
+            self._fail_all(err)
+            return
+        self._fail_all(NotReady(f"model {self.name} is shutting down"))
 
     def _fail_all(self, err: EngineError) -> None:
         with self._cv:
@@ -267,26 +282,6 @@ class SequenceBatcher:
             self._n_waiting = 0
         for job in left:
             self._fail(job, err)
-
-    def _serve(self) -> None:
-        while True:
-            with self._cv:
-                while not self._stopping and not self._queue:
-                    self._cv.wait()
-                if self._stopping:
-                    break
-                picked = self._pick()
-            if picked:
-                try:
-                    self._decode(picked)
-                except BaseException:  # the thread is dying: these left the queue already
-                    for job, _ in picked:
-                        self._fail(
-                            job,
-                            EngineError(f"model {self.name} could not process this input (worker failed)"),
-                        )
-                    raise
-        self._fail_all(NotReady(f"model {self.name} is shutting down"))
 
     def _pick(self) -> list[tuple[_Job, int]]:
         """Called with the lock held: the sequences of the next decode, requests taking turns."""

@@ -9,8 +9,9 @@ from typing import Any
 
 from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
-from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate
+from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate, check_template_kwargs
 from gguf_serve.engine.context_size import context_size
+from gguf_serve.engine.grammar_check import GrammarError, check_json_schema
 from gguf_serve.engine.llama_runtime import ContextParams, LlamaContext, LlamaModel, usable_cpus
 from gguf_serve.engine.model_defaults import GGUF_SAMPLING_KEYS
 from gguf_serve.engine.model_info import ModelInfo, model_info
@@ -33,30 +34,16 @@ from gguf_serve.engine.vocabulary import Vocabulary, check_token_ids
 from gguf_serve.settings import Limits, ModelSettings
 
 
-def grammar_for_response_format(fmt: dict[str, Any] | None) -> str | None:
-    """OpenAI response_format -> GBNF through llama.cpp's own JSON-schema converter."""
-    if not fmt or fmt.get("type") in (None, "text"):
-        return None
-    kind = fmt.get("type")
-    if kind == "json_object":
-        schema = fmt.get("schema")
-        return json_schema_to_gbnf(json.dumps(schema)) if schema else JSON_GBNF
-    if kind == "json_schema":
-        spec = fmt.get("json_schema") or {}
-        schema = spec.get("schema", spec if "properties" in spec or "type" in spec else None)
-        if not isinstance(schema, dict):
-            raise InvalidRequest(
-                "response_format.json_schema.schema must be a JSON schema object", "response_format"
-            )
-        try:
-            return json_schema_to_gbnf(json.dumps(schema))
-        except Exception as e:
-            raise InvalidRequest(f"unsupported JSON schema: {e}", "response_format") from e
-    raise InvalidRequest(f"unknown response_format type {kind!r}", "response_format")
-
-
 def grammar_for_json_schema(schema: dict[str, Any]) -> str:
-    """llama-server's top-level `json_schema` field -> GBNF."""
+    """A JSON schema (response_format's, llama-server's top-level `json_schema`, or any other
+    API's) -> GBNF through llama.cpp's own converter, after the caps on its size and depth.
+    `{"type": "object"}` alone (response_format json_object) is any JSON object."""
+    try:
+        check_json_schema(schema)
+    except GrammarError as e:
+        raise InvalidRequest(str(e), "json_schema") from None
+    if schema == {"type": "object"}:
+        return JSON_GBNF
     try:
         return json_schema_to_gbnf(json.dumps(schema))
     except Exception as e:
@@ -140,6 +127,7 @@ class ChatEngine(Vocabulary):
     def render_now(self, req: ChatRequest) -> str:
         if not req.messages:
             raise InvalidRequest("messages must not be empty", "messages")
+        check_template_kwargs(req.template_kwargs)
         tools = req.tools if req.tools_enabled else None
         messages = [m.as_template_dict() for m in req.messages]
         if not req.continue_final_message:
@@ -192,8 +180,6 @@ class ChatEngine(Vocabulary):
         tokens = self.tokenize_prompt(prompt)
         params = req.params
         compile_grammar(params)
-        if params.grammar is None and req.response_format is not None:
-            params.grammar = grammar_for_response_format(req.response_format)
         # Inside an open <think> (a Thinking template's prompt, or a prefill that opened one).
         thinking = prompt.rstrip().endswith("<think>") or (
             req.continue_final_message and prompt.rfind("<think>") > prompt.rfind("</think>")

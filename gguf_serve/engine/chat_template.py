@@ -19,6 +19,24 @@ CHATML_TEMPLATE = (
 )
 
 
+# What render() passes the template itself, and the environment's globals: a client's
+# chat_template_kwargs may not replace these (`messages: []` or `range: 1` breaks rendering).
+_TEMPLATE_ARGS = ("messages", "tools", "add_generation_prompt", "bos_token", "eos_token")
+RESERVED_TEMPLATE_KWARGS = frozenset(
+    (*_TEMPLATE_ARGS, "raise_exception", "strftime_now", *ImmutableSandboxedEnvironment().globals)
+)
+
+
+def check_template_kwargs(kwargs: dict[str, Any]) -> None:
+    """chat_template_kwargs may add variables, not replace the renderer's own."""
+    reserved = sorted(RESERVED_TEMPLATE_KWARGS.intersection(kwargs))
+    if reserved:
+        raise InvalidRequest(
+            f"chat_template_kwargs may not set {', '.join(reserved)}: the server passes these itself",
+            "chat_template_kwargs",
+        )
+
+
 def _raise(message: str) -> None:
     raise InvalidRequest(f"chat template: {message}")
 
@@ -56,6 +74,7 @@ class ChatTemplate:
         add_generation_prompt: bool = True,
         **kwargs: Any,
     ) -> str:
+        check_template_kwargs(kwargs)
         try:
             return self._template.render(
                 messages=messages,
@@ -67,5 +86,14 @@ class ChatTemplate:
             )
         except InvalidRequest:
             raise
-        except jinja2.TemplateError as e:
+        except (
+            jinja2.TemplateError,
+            TypeError,
+            ValueError,
+            AttributeError,
+            LookupError,
+            ArithmeticError,
+        ) as e:
+            # The template ran on what the client sent (messages, tools, kwargs): its failure
+            # is a bad request, not a server error.
             raise InvalidRequest(f"chat template failed on these messages: {e}", "messages") from e

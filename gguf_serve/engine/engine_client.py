@@ -442,4 +442,4 @@ def _fail(p: _Pending, err: EngineUnavailable) -> None:
     if not p.future.done():
         p.future.set_exception(err)
     for q in p.queues:
-        q.put_nowait(Finished("error", 0, 0, error=err.message, unavailable=True))
+        q.put_nowait(Finished("error", 0, 0, error=err.message, error_status=503))

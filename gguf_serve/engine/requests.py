@@ -112,8 +112,9 @@ class Finished:
     completion_tokens: int
     cached_tokens: int = 0
     error: str | None = None
-    # The engine process died under this request: a 503 (retry), not a 500.
-    unavailable: bool = False
+    # 400: the request itself made the generation fail (its grammar); 503: the engine process
+    # died under it (retry); else 500.
+    error_status: int = 500
 
 
 GenerationEvent = TextChunk | Finished
@@ -158,7 +159,6 @@ class ChatRequest:
     tool_choice: Any = None
     template_kwargs: dict[str, Any] = field(default_factory=dict)
     parse_reasoning: bool = True
-    response_format: dict[str, Any] | None = None
     # Assistant prefill (vLLM's and llama-server's fields): the answer continues the last
     # (assistant) message instead of starting a new one.
     continue_final_message: bool = False

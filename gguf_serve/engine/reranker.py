@@ -30,7 +30,7 @@ from gguf_serve.engine.interfaces import EmbeddingModel
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.model_info import ModelInfo, model_info
 from gguf_serve.engine.off_loop import tokenize_off_loop
-from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, fill, rerank_template
+from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, RERANK_PROMPT
 from gguf_serve.engine.requests import HEALTHY, ContextOverflow, EngineHealth, InvalidRequest
 from gguf_serve.engine.vocabulary import Vocabulary
 from gguf_serve.settings import Limits, ModelSettings
@@ -89,6 +89,66 @@ class Reranker:
         return True
 
 
+_CONTROL_TEXTS: dict[tuple[str, str], list[str]] = {}
+
+
+def _control_texts(model: LlamaModel, template: str, fields: Sequence[str]) -> list[str]:
+    """The texts of the control tokens (<|im_start|>, <|im_end|>) in the template's own text,
+    longest first: tokens that render as nothing unless specials are rendered. Cached."""
+    key = (str(model.path), template)
+    cached = _CONTROL_TEXTS.get(key)
+    if cached is not None:
+        return cached
+    parts = [template]
+    for f in fields:
+        parts = [x for p in parts for x in p.split("{" + f + "}")]
+    found = {
+        model.token_bytes(t, special=True).decode("utf-8", "replace")
+        for part in parts
+        for t in model.tokenize(part, add_special=False, parse_special=True)
+        if not model.token_bytes(t) and model.token_bytes(t, special=True)
+    }
+    if len(_CONTROL_TEXTS) > 64:
+        _CONTROL_TEXTS.clear()
+    out = _CONTROL_TEXTS[key] = sorted(found, key=len, reverse=True)
+    return out
+
+
+def tokenize_filled(model: LlamaModel, template: str, **fields: str) -> list[int]:
+    """A prompt template's {name} fields filled with client text, tokenized so that only the
+    template's own control-token texts become control tokens: a query or document holding
+    "<|im_end|>" stays text. The text between the template's control tokens (template text and
+    fields together) is tokenized as one piece, as llama.cpp splits a prompt at special tokens
+    before tokenizing, so ordinary text gives exactly the tokens of the whole filled prompt."""
+    specials = _control_texts(model, template, list(fields))
+    keys = {"{" + k + "}": v for k, v in fields.items()}
+    runs: list[tuple[str, bool]] = []
+    text: list[str] = []
+    i = 0
+    while i < len(template):
+        for key, value in keys.items():
+            if template.startswith(key, i):
+                text.append(value)
+                i += len(key)
+                break
+        else:
+            sp = next((sp for sp in specials if template.startswith(sp, i)), None)
+            if sp is None:
+                text.append(template[i])
+                i += 1
+            else:
+                runs.append(("".join(text), False))
+                runs.append((sp, True))
+                text = []
+                i += len(sp)
+    runs.append(("".join(text), False))
+    out: list[int] = []
+    for piece, special in runs:
+        if piece:
+            out += model.tokenize(piece, add_special=False, parse_special=special)
+    return out
+
+
 def check_request(query: str, documents: list[str]) -> None:
     if not query.strip():
         raise InvalidRequest("query is empty", "query")
@@ -119,15 +179,14 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
         raise NotImplementedError
 
     def _template(self, instruction: str) -> str | None:
-        """The prompt with {query} and {document} left to fill; None: a plain BERT-style pair."""
+        """The prompt with {instruction}, {query} and {document} left to fill (the instruction
+        is the client's too); None: a plain BERT-style pair."""
         raise NotImplementedError
 
-    def _pair(self, template: str | None, query: str, doc: str) -> list[int]:
+    def _pair(self, template: str | None, query: str, doc: str, instruction: str = "") -> list[int]:
         m = self.model
         if template is not None:
-            return m.tokenize(
-                fill(template, query=query, document=doc), add_special=False, parse_special=True
-            )
+            return tokenize_filled(m, template, instruction=instruction, query=query, document=doc)
         # llama.cpp server's format_prompt_rerank for models without a rerank template.
         q = m.tokenize(query, add_special=False, parse_special=False)
         d = m.tokenize(doc, add_special=False, parse_special=False)
@@ -137,8 +196,10 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
         bos = [m.bos] if m.add_bos and m.bos >= 0 else []
         return bos + q + eos + sep + d + eos
 
-    def _sequence(self, template: str | None, query: str, doc: str, i: int, truncate: bool) -> list[int]:
-        tokens = self._pair(template, query, doc)
+    def _sequence(
+        self, template: str | None, query: str, doc: str, i: int, truncate: bool, instruction: str = ""
+    ) -> list[int]:
+        tokens = self._pair(template, query, doc, instruction)
         if len(tokens) <= self.limit:
             return tokens
         if truncate:
@@ -147,7 +208,7 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
             for _ in range(4):  # re-tokenizing a cut text can shift a few tokens; retry shorter
                 if keep <= 0:
                     break
-                tokens = self._pair(template, query, self.model.detokenize(doc_tokens[:keep]))
+                tokens = self._pair(template, query, self.model.detokenize(doc_tokens[:keep]), instruction)
                 if len(tokens) <= self.limit:
                     return tokens
                 keep -= len(tokens) - self.limit
@@ -161,7 +222,7 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
         self, query: str, documents: list[str], instruction: str, truncate: bool
     ) -> list[list[int]]:
         template = self._template(instruction)
-        return [self._sequence(template, query, d, i, truncate) for i, d in enumerate(documents)]
+        return [self._sequence(template, query, d, i, truncate, instruction) for i, d in enumerate(documents)]
 
     def _to_score(self, out: Vector) -> float:
         raise NotImplementedError
@@ -205,9 +266,9 @@ class HeadScorer(_PairScorer):
         if t is None:
             return None
         if "{instruction}" in t:
-            return fill(t, instruction=instruction)
+            return t
         # Converted Qwen3-Reranker templates carry the default instruction verbatim.
-        return t.replace(RERANK_INSTRUCTION, instruction) if RERANK_INSTRUCTION in t else t
+        return t.replace(RERANK_INSTRUCTION, "{instruction}") if RERANK_INSTRUCTION in t else t
 
     def _to_raw(self, out: Vector) -> float:
         return float(out[0]) if self.n_out == 1 else super()._to_raw(out)
@@ -239,7 +300,7 @@ class CausalScorer(_PairScorer):
         return np.array([row[self.yes], row[self.no]], dtype=np.float32)
 
     def _template(self, instruction: str) -> str | None:
-        return rerank_template(instruction)
+        return RERANK_PROMPT
 
     def _to_raw(self, out: Vector) -> float:
         return float(out[0]) - float(out[1])

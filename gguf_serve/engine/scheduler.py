@@ -42,7 +42,7 @@ from gguf_serve.engine.requests import (
     TextChunk,
     TokenLogprob,
 )
-from gguf_serve.engine.sampling import SamplerChain
+from gguf_serve.engine.sampling import NoTokenAllowed, SamplerChain
 from gguf_serve.engine.text_stream import StopTextStream
 
 log = logging.getLogger("gguf_serve.scheduler")
@@ -581,7 +581,11 @@ class ChatScheduler:
             self._fork(s)
         p = s.job.params
         logprobs = self._logprobs(s.batch_index, p.top_logprobs) if p.logprobs else None
-        token = s.sampler.sample(self.ctx.ptr, s.batch_index)
+        try:
+            token = s.sampler.sample(self.ctx.ptr, s.batch_index)
+        except NoTokenAllowed as e:  # the client's grammar is at a dead end: its request ends
+            self._finish(s, "error", error=str(e), error_status=400)
+            return
         s.state = SlotState.GENERATE
         s.n_generated += 1
         self.tokens_generated += 1
@@ -599,14 +603,18 @@ class ChatScheduler:
         else:
             s.last_token = token
 
-    def _finish(self, s: Slot, reason: FinishReason, error: str | None = None) -> None:
+    def _finish(
+        self, s: Slot, reason: FinishReason, error: str | None = None, error_status: int = 500
+    ) -> None:
         job = s.job
         assert job is not None
         if s.stream is not None and not s.stream.stopped and reason in ("stop", "length"):
             tail = s.stream.flush()
             if tail:
                 self._emit(job, TextChunk(tail, 0))
-        self._emit(job, Finished(reason, len(job.prompt), s.n_generated, s.n_cached_at_start, error))
+        self._emit(
+            job, Finished(reason, len(job.prompt), s.n_generated, s.n_cached_at_start, error, error_status)
+        )
         forks, s.forks = s.forks, []
         for f in forks:  # choices still waiting for this prompt's KV never get it
             if f.state is SlotState.FORK and f.job is not None and f.job in job.forks:

@@ -8,6 +8,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from gguf_serve.api.protocol.common import SamplingFields
+from gguf_serve.engine.chat_template import check_template_kwargs
+from gguf_serve.engine.grammar_check import GrammarError, check_json_schema
 from gguf_serve.engine.requests import ChatMessage, ChatRequest, InvalidRequest, TokenLogprob, ToolCall
 from gguf_serve.settings import Limits, ModelSettings
 
@@ -24,7 +26,7 @@ class MessageIn(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
-    tool_calls: list[dict[str, Any]] | None = None
+    tool_calls: list[ToolCallIn] | None = None
     tool_call_id: str | None = None
     reasoning_content: str | None = None
 
@@ -42,6 +44,56 @@ class MessageIn(BaseModel):
         return "".join(parts)
 
 
+class ToolCallFunctionIn(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict[str, Any] | None = None
+
+
+class ToolCallIn(BaseModel):
+    """An assistant message's earlier tool call, as OpenAI sends it back."""
+
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: ToolCallFunctionIn
+
+
+class JsonSchemaFormat(BaseModel):
+    """response_format.json_schema: {name, description, strict, schema}."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    name: str | None = None
+    description: str | None = None
+    strict: bool | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+
+class ResponseFormat(BaseModel):
+    """OpenAI's response_format; `schema` beside json_object is llama-server's extension."""
+
+    model_config = ConfigDict(extra="ignore", populate_by_name=True)
+    type: Literal["text", "json_object", "json_schema"] | None = None
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    def json_schema_dict(self) -> dict[str, Any] | None:
+        """The JSON schema the output must match (None: free text); the engine compiles it."""
+        if self.type in (None, "text"):
+            return None
+        if self.type == "json_object":
+            return self.schema_ or {"type": "object"}  # any JSON object
+        spec = self.json_schema
+        if spec is not None and spec.schema_ is not None:
+            return spec.schema_
+        extra = (spec.model_extra or {}) if spec is not None else {}
+        if "properties" in extra or "type" in extra:  # the schema written in place of the spec
+            return dict(extra)
+        raise InvalidRequest(
+            "response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema"
+        )
+
+
 class StreamOptions(BaseModel):
     model_config = ConfigDict(extra="ignore")
     include_usage: bool = False
@@ -53,7 +105,7 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
-    response_format: dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
     tools: list[dict[str, Any]] | None = None
     tool_choice: str | dict[str, Any] | None = None
     chat_template_kwargs: dict[str, Any] | None = None
@@ -80,6 +132,7 @@ class ChatCompletionRequest(SamplingFields):
                 )
             )
         kwargs = dict(self.chat_template_kwargs or {})
+        check_template_kwargs(kwargs)
         if self.enable_thinking is not None:
             kwargs.setdefault("enable_thinking", self.enable_thinking)
         top = self.top_logprobs if self.logprobs else None
@@ -100,16 +153,27 @@ class ChatCompletionRequest(SamplingFields):
                     "continue_final_message needs an assistant message last (the text to continue)",
                     "messages",
                 )
-        custom = params.grammar is not None or params.json_schema is not None
-        if custom and (self.response_format or {}).get("type") not in (None, "text"):
-            raise InvalidRequest("send response_format or grammar/json_schema, not both", "response_format")
+        fmt_schema = self.response_format.json_schema_dict() if self.response_format else None
+        if fmt_schema is not None:
+            if params.grammar is not None or params.json_schema is not None:
+                raise InvalidRequest(
+                    "send response_format or grammar/json_schema, not both", "response_format"
+                )
+            params.json_schema = fmt_schema
+        for i, tool in enumerate(self.tools or []):
+            fn = tool.get("function")
+            parameters = fn.get("parameters") if isinstance(fn, dict) else None
+            if parameters is not None:
+                try:
+                    check_json_schema(parameters, "tool's parameters schema")
+                except GrammarError as e:
+                    raise InvalidRequest(str(e), f"tools.{i}.function.parameters") from None
         return ChatRequest(
             messages=messages,
             params=params,
             tools=self.tools,
             tool_choice=self.tool_choice,
             template_kwargs=kwargs,
-            response_format=self.response_format,
             continue_final_message=self.continue_final_message,
             add_generation_prompt=(
                 not self.continue_final_message
@@ -119,15 +183,16 @@ class ChatCompletionRequest(SamplingFields):
         )
 
 
-def _normalise_tool_calls(calls: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+def _normalise_tool_calls(calls: list[ToolCallIn] | None) -> list[dict[str, Any]] | None:
     """Templates expect arguments as an object (Qwen's renders `tool_call.arguments | tojson`)."""
     if not calls:
         return None
     import json
 
     out = []
-    for call in calls:
-        fn = dict(call.get("function") or {})
+    for typed in calls:
+        call = typed.model_dump(exclude_none=True)
+        fn = call["function"]
         args = fn.get("arguments")
         if isinstance(args, str):
             with contextlib.suppress(json.JSONDecodeError):

@@ -13,7 +13,7 @@ from gguf_serve.settings import Limits, SamplingDefaults
 class SamplingFields(BaseModel):
     """OpenAI sampling fields plus llama.cpp's (top_k, min_p, repeat_penalty). Unknown fields are ignored."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # "NaN" as a string too
 
     model: str | None = None
     stream: bool = False

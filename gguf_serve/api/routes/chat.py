@@ -16,10 +16,11 @@ from sse_starlette.sse import EventSourceResponse
 from gguf_serve.api.protocol.chat import ChatCompletionRequest, logprobs_json, tool_call_json
 from gguf_serve.api.protocol.common import usage
 from gguf_serve.api.serving import Deadline, ServingContext, stream_error
+from gguf_serve.api.strict_json import StrictJSONRoute
 from gguf_serve.engine.interfaces import ChatEvents
 from gguf_serve.engine.requests import ChatDelta, EngineError, Finished, TokenLogprob, ToolCall
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/chat/completions")

@@ -15,10 +15,11 @@ from sse_starlette.sse import EventSourceResponse
 from gguf_serve.api.protocol.common import usage
 from gguf_serve.api.protocol.completions import CompletionRequest, legacy_logprobs
 from gguf_serve.api.serving import Deadline, ServingContext, stream_error
+from gguf_serve.api.strict_json import StrictJSONRoute
 from gguf_serve.engine.interfaces import TokenEvents
 from gguf_serve.engine.requests import EngineError, Finished, TextChunk, TokenLogprob
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/completions")

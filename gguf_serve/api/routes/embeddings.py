@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 
 from gguf_serve.api.protocol.embeddings import EmbeddingRequest, embedding_response
 from gguf_serve.api.serving import RequestTimeout, ServingContext
+from gguf_serve.api.strict_json import StrictJSONRoute
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 
 
 @router.post("/v1/embeddings")

@@ -8,9 +8,10 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
+from gguf_serve.api.strict_json import StrictJSONRoute
 from gguf_serve.engine.registry import LoadState, ModelRegistry
 
-router = APIRouter()
+router = APIRouter(route_class=StrictJSONRoute)
 _CREATED = int(time.time())
 
 

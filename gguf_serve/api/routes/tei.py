@@ -14,7 +14,6 @@ from typing import Any, TypeVar
 from fastapi import APIRouter, Body, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
-from fastapi.routing import APIRoute
 from pydantic import BaseModel, ValidationError
 
 from gguf_serve import __version__
@@ -32,6 +31,7 @@ from gguf_serve.api.protocol.tei import (
 )
 from gguf_serve.api.routes import rerank as jina
 from gguf_serve.api.serving import RequestTimeout, ServingContext
+from gguf_serve.api.strict_json import StrictJSONRoute, strict_request
 from gguf_serve.engine.requests import EngineError
 from gguf_serve.settings import Settings
 
@@ -48,13 +48,14 @@ async def _speaks_tei(request: Request) -> bool:
         return False
 
 
-class TEIRoute(APIRoute):
+class TEIRoute(StrictJSONRoute):
     """Errors of a TEI request in TEI's shape; other requests (Jina's /rerank) keep OpenAI's."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
 
         async def tei_handler(request: Request) -> Response:
+            request = strict_request(request)  # one object, so the body read below is cached
             try:
                 return await handler(request)
             except (RequestValidationError, EngineError) as exc:
