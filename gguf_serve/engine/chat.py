@@ -27,7 +27,7 @@ from gguf_serve.engine.requests import (
     ToolCall,
 )
 from gguf_serve.engine.scheduler import ChatScheduler, Generation
-from gguf_serve.engine.tool_calls import ToolCallParser
+from gguf_serve.engine.tool_calls import ToolCallParser, forced_call_grammar, forced_tool
 from gguf_serve.engine.vocabulary import Vocabulary, check_token_ids
 from gguf_serve.settings import Limits, ModelSettings
 
@@ -192,6 +192,9 @@ class ChatEngine(Vocabulary):
         compile_grammar(params)
         if params.grammar is None and req.response_format is not None:
             params.grammar = grammar_for_response_format(req.response_format)
+        forced, name = forced_tool(req.tool_choice) if req.tools_enabled else (False, None)
+        if forced and params.grammar is None and req.tools:
+            params.grammar = forced_call_grammar(req.tools, name)
         # Inside an open <think> (a Thinking template's prompt, or a prefill that opened one).
         thinking = prompt.rstrip().endswith("<think>") or (
             req.continue_final_message and prompt.rfind("<think>") > prompt.rfind("</think>")
