@@ -13,7 +13,17 @@ from sse_starlette.sse import AppStatus
 from gguf_serve import __version__
 from gguf_serve.api.errors import install_error_handlers
 from gguf_serve.api.observability import Metrics, install_observability
-from gguf_serve.api.routes import anthropic, chat, completions, embeddings, models, ollama, rerank, tei
+from gguf_serve.api.routes import (
+    anthropic,
+    chat,
+    completions,
+    embeddings,
+    models,
+    ollama,
+    rerank,
+    responses,
+    tei,
+)
 from gguf_serve.api.security import install_security
 from gguf_serve.engine.registry import ModelRegistry
 from gguf_serve.settings import Settings
@@ -72,7 +82,7 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
-    for module in (chat, completions, embeddings, rerank, tei, models, ollama, anthropic):
+    for module in (chat, completions, embeddings, rerank, tei, models, ollama, anthropic, responses):
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)
