@@ -201,3 +201,12 @@ def test_a_near_miss_of_a_renamed_key_names_its_new_name(profile: Path) -> None:
     profile.write_text(PROFILE + '[[models]]\nid = "e"\nfile = "x"\nconvert_fro = "pypi:a/b"\n')
     with pytest.raises(SettingsError, match=r"convert_fro \(did you mean source\?\)"):
         load_settings(str(profile))
+
+
+def test_slots_endpoint_is_off_by_default_and_set_like_any_setting(
+    profile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(str(profile)).slots_endpoint is False
+    monkeypatch.setenv("GGUF_SERVE_SLOTS_ENDPOINT", "true")
+    assert load_settings(str(profile)).slots_endpoint is True
+    assert load_settings(str(profile), slots_endpoint=False).slots_endpoint is False

@@ -18,6 +18,7 @@ from gguf_serve.api.routes import (
     chat,
     completions,
     embeddings,
+    llama_server,
     models,
     ollama,
     rerank,
@@ -82,7 +83,18 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
-    for module in (chat, completions, embeddings, rerank, tei, models, ollama, anthropic, responses):
+    for module in (
+        chat,
+        completions,
+        embeddings,
+        rerank,
+        tei,
+        models,
+        ollama,
+        anthropic,
+        responses,
+        llama_server,
+    ):
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)
