@@ -62,4 +62,4 @@ def test_props_has_what_llama_vscode_reads_and_no_paths(demo_server: str) -> Non
 
 def test_slots_is_off_by_default(demo_server: str) -> None:
     r = httpx.get(demo_server + "/slots", timeout=10)
-    assert r.status_code == 501
+    assert r.status_code == 404 and "slots_endpoint" in r.json()["error"]["message"]

@@ -66,7 +66,8 @@ async def props(request: Request, model: str | None = None) -> dict[str, Any]:
 async def slots(request: Request, model: str | None = None) -> Any:
     settings: Settings = request.app.state.settings
     if not settings.slots_endpoint:
-        # llama-server's answer without --slots.
-        return error_response(501, "This server does not support slots endpoint (slots_endpoint = false).")
+        # llama-server answers 501 without --slots; a 404 says the same without looking like a
+        # server failure (no 5xx for a request the server chose not to serve).
+        return error_response(404, "the slots endpoint is off on this server (setting slots_endpoint)")
     ctx: ServingContext[Any] = await ServingContext.for_request(request, model, "chat")
     return JSONResponse(slots_response(ctx.loaded.engine.info, ctx.loaded.engine.stats()))
