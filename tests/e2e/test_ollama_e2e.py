@@ -179,6 +179,7 @@ def test_litellm_ollama_chat_as_ragflow_calls_it(demo_server: str) -> None:
         "api_base": demo_server,
         "messages": [{"role": "system", "content": "You are brief."}, *HELLO],
         "drop_params": True,
+        "think": False,  # RAGFlow's switch for Qwen3's thinking; LiteLLM sends it as Ollama's `think`
         "temperature": 0.2,
         "top_p": 0.9,
         "max_tokens": 12,
