@@ -37,7 +37,7 @@ from gguf_serve.api.protocol.ollama import (
     tool_calls_json,
 )
 from gguf_serve.api.protocol.rerank import rerank_response
-from gguf_serve.api.serving import RequestTimeout, ServingContext
+from gguf_serve.api.serving import Deadline, RequestTimeout, ServingContext
 from gguf_serve.engine.interfaces import ChatEvents, ChatModel, TokenEvents
 from gguf_serve.engine.registry import LoadState, ModelRegistry
 from gguf_serve.engine.requests import (
@@ -194,7 +194,6 @@ async def _lines(
     started_ns = int(ctx.started * 1e9)
     first_ns: int | None = None
     fin: Finished | None = None
-    timeout = ctx.limits.request_timeout_s
 
     def line(
         content: str = "", thinking: str = "", calls: list[dict[str, Any]] | None = None
@@ -213,22 +212,18 @@ async def _lines(
                 out["thinking"] = thinking
         return out
 
-    try:
-        async with asyncio.timeout(timeout):
-            async for ev in events:
-                if isinstance(ev, Finished):
-                    fin = ev
-                    continue
-                if not (ev.content or ev.reasoning or ev.tool_calls):
-                    continue
-                if first_ns is None:
-                    first_ns = time.monotonic_ns()
-                ctx.first_token()
-                calls = tool_calls_json(ev.tool_calls) if ev.tool_calls else None
-                yield {**line(ev.content, ev.reasoning, calls), "done": False}
-    except TimeoutError:
-        cancel()
-        raise RequestTimeout(f"generation took longer than {timeout:g}s") from None
+    async with Deadline(ctx.limits.request_timeout_s, cancel, "generation"):
+        async for ev in events:
+            if isinstance(ev, Finished):
+                fin = ev
+                continue
+            if not (ev.content or ev.reasoning or ev.tool_calls):
+                continue
+            if first_ns is None:
+                first_ns = time.monotonic_ns()
+            ctx.first_token()
+            calls = tool_calls_json(ev.tool_calls) if ev.tool_calls else None
+            yield {**line(ev.content, ev.reasoning, calls), "done": False}
     done = ctx.finished(fin)
     yield {
         **line(),
@@ -238,13 +233,14 @@ async def _lines(
     }
 
 
-def _respond(
+async def _respond(
     request: Request,
     ctx: ServingContext[ChatModel],
     body: ChatBody | GenerateBody,
     events: AsyncIterator[ChatDelta | Finished],
     cancel: Callable[[], None],
-) -> Response | Coroutine[Any, Any, Response]:
+) -> Response:
+    """NDJSON lines as they come (stream, Ollama's default), or the lines merged into one."""
     chat = isinstance(body, ChatBody)
     keep_alive = body.keep_alive_s()
     lines = _lines(ctx, events, cancel, chat)
@@ -262,35 +258,32 @@ def _respond(
 
         return StreamingResponse(ndjson(), media_type="application/x-ndjson")
 
-    async def whole() -> Response:
-        content: list[str] = []
-        thinking: list[str] = []
-        calls: list[dict[str, Any]] = []
-        last: dict[str, Any] = {}
-        try:
-            async for item in lines:
-                part = item["message"] if chat else item
-                content.append(part.get("content" if chat else "response", ""))
-                thinking.append(part.get("thinking", ""))
-                calls.extend(part.get("tool_calls") or [])
-                last = item
-        finally:
-            cancel()
-            _unload_after(request, ctx, keep_alive)
-        text, thought = "".join(content), "".join(thinking)
-        if chat:
-            last["message"] = {"role": "assistant", "content": text}
-            if thought:
-                last["message"]["thinking"] = thought
-            if calls:
-                last["message"]["tool_calls"] = calls
-        else:
-            last["response"] = text
-            if thought:
-                last["thinking"] = thought
-        return JSONResponse(last)
-
-    return whole()
+    content: list[str] = []
+    thinking: list[str] = []
+    calls: list[dict[str, Any]] = []
+    last: dict[str, Any] = {}
+    try:
+        async for item in lines:
+            part = item["message"] if chat else item
+            content.append(part.get("content" if chat else "response", ""))
+            thinking.append(part.get("thinking", ""))
+            calls.extend(part.get("tool_calls") or [])
+            last = item
+    finally:
+        cancel()
+        _unload_after(request, ctx, keep_alive)
+    text, thought = "".join(content), "".join(thinking)
+    if chat:
+        last["message"] = {"role": "assistant", "content": text}
+        if thought:
+            last["message"]["thinking"] = thought
+        if calls:
+            last["message"]["tool_calls"] = calls
+    else:
+        last["response"] = text
+        if thought:
+            last["thinking"] = thought
+    return JSONResponse(last)
 
 
 def _load_answer(request: Request, ctx: ServingContext[Any], body: OllamaBase, chat: bool) -> JSONResponse:
@@ -313,8 +306,7 @@ async def chat(body: ChatBody, request: Request) -> Response:
         return _load_answer(request, ctx, body, chat=True)
     req = body.to_engine(ctx.loaded.settings, ctx.limits, ctx.loaded.engine.n_ctx)
     stream: ChatEvents = (await ctx.loaded.engine.start_chats(req, 1))[0]
-    answer = _respond(request, ctx, body, aiter(stream), stream.cancel)
-    return answer if isinstance(answer, Response) else await answer
+    return await _respond(request, ctx, body, aiter(stream), stream.cancel)
 
 
 @router.post("/api/generate")
@@ -334,8 +326,7 @@ async def generate(body: GenerateBody, request: Request) -> Response:
             0
         ]
         events, cancel = aiter(stream), stream.cancel
-    answer = _respond(request, ctx, body, events, cancel)
-    return answer if isinstance(answer, Response) else await answer
+    return await _respond(request, ctx, body, events, cancel)
 
 
 # --- embeddings and rerank --------------------------------------------------------------------
