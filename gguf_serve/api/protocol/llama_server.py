@@ -5,13 +5,15 @@ anything that names a file on this machine."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from gguf_serve import __version__
-from gguf_serve.engine.model_info import ModelInfo
 from gguf_serve.settings import ModelSettings
+
+if TYPE_CHECKING:  # plain data handed over by the engine; no llama.cpp import here
+    from gguf_serve.engine.model_info import ModelInfo
 
 
 class TokenizeRequest(BaseModel):

@@ -11,15 +11,17 @@ import hashlib
 import json
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from gguf_serve.api.protocol.chat import _normalise_tool_calls
 from gguf_serve.api.protocol.common import SamplingFields
-from gguf_serve.engine.model_info import ModelInfo
 from gguf_serve.engine.requests import ChatMessage, ChatRequest, InvalidRequest, SamplingParams
 from gguf_serve.settings import Limits, ModelSettings
+
+if TYPE_CHECKING:  # plain data handed over by the engine; no llama.cpp import here
+    from gguf_serve.engine.model_info import ModelInfo
 
 # The Ollama API version these routes follow (clients compare it to enable features).
 OLLAMA_API_VERSION = "0.12.0"
