@@ -319,7 +319,14 @@ def test_tool_choice_required_or_named_forces_one_call(client: openai.OpenAI) ->
                 },
             },
         },
-        {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}},
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                # Bounded arguments, so that 60 tokens always hold the whole call.
+                "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+            },
+        },
     ]
     for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
         r = client.chat.completions.create(
