@@ -78,6 +78,21 @@ def test_stream_past_the_deadline_ends_with_an_error_event(server: str) -> None:
     assert all(c["choices"][0]["finish_reason"] is None for c in chunks)
 
 
+def test_the_server_serves_on_after_timeouts(server: str) -> None:
+    # The timed-out requests free their slot; then a short request is served. Its own 2 s budget
+    # can run out on a loaded machine, so it may try a few times, but the slot must come free.
+    deadline = time.monotonic() + 30
+    while httpx.get(server + "/stats", timeout=10).json()["models"]["smol"]["busy_slots"] != 0:
+        assert time.monotonic() < deadline, "a timed-out request still holds its slot"
+        time.sleep(0.1)
+    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for _ in range(3):
+        r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
+        if r.status_code != 504:
+            break
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
 # The Ollama, Anthropic and Responses routes have no logit_bias: a JSON schema that needs
 # 20,000 characters keeps the answer going past the deadline instead.
 LONG_SCHEMA = {
@@ -129,18 +144,3 @@ def test_responses_stream_past_the_deadline_ends_with_an_error_event(server: str
         events = [json.loads(ln[len("data: ") :]) for ln in r.iter_lines() if ln.startswith("data: ")]
     assert events[-1]["type"] == "error" and events[-1]["code"] == "timeout"
     assert not any(e["type"] == "response.completed" for e in events)
-
-
-def test_the_server_serves_on_after_timeouts(server: str) -> None:
-    # The timed-out requests free their slot; then a short request is served. Its own 2 s budget
-    # can run out on a loaded machine, so it may try a few times, but the slot must come free.
-    deadline = time.monotonic() + 30
-    while httpx.get(server + "/stats", timeout=10).json()["models"]["smol"]["busy_slots"] != 0:
-        assert time.monotonic() < deadline, "a timed-out request still holds its slot"
-        time.sleep(0.1)
-    body = {"model": "smol", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-    for _ in range(3):
-        r = httpx.post(server + "/v1/chat/completions", json=body, timeout=60)
-        if r.status_code != 504:
-            break
-    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
