@@ -165,6 +165,7 @@ def test_structured_output_is_enforced(client: anthropic.Anthropic) -> None:
         model=CHAT,
         max_tokens=40,
         messages=[{"role": "user", "content": "Answer in JSON."}],
-        output_config={"format": {"type": "json_schema", "schema": schema}},
+        # output_config is a named argument only in recent SDKs; the body is the same.
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}},
     )
     assert isinstance(json.loads(msg.content[0].text)["answer"], str)  # type: ignore[union-attr]
