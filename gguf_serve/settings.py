@@ -321,6 +321,9 @@ class Settings(BaseSettings):
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None
     metrics_public: bool = False
+    # llama-server's GET /slots (its --slots): what each chat slot is doing. Off by default,
+    # as there: it tells any client how busy the server is.
+    slots_endpoint: bool = False
     cors_origins: Annotated[list[str], NoDecode] = Field(default_factory=list)
     shutdown_grace_s: float = Field(30.0, ge=0)
 

@@ -275,3 +275,20 @@ def test_live_server_413_and_401(live_server: tuple[str, threading.Event]) -> No
     r = httpx.post(base + "/v1/raw", content=b"x" * 4096, headers={"x-api-key": KEY}, timeout=10)
     assert r.status_code == 413
     assert httpx.get(base + "/health", timeout=10).status_code == 200
+
+
+def test_401_and_413_come_in_the_route_familys_error_shape() -> None:
+    c = client(api_keys=[KEY])
+    ollama = c.post("/api/chat", json={})
+    assert (
+        ollama.status_code == 401 and set(ollama.json()) == {"error"} and "API key" in ollama.json()["error"]
+    )
+    anthropic = c.post("/v1/messages", json={}, headers={"x-api-key": OTHER})
+    assert anthropic.status_code == 401
+    assert anthropic.json() == {
+        "type": "error",
+        "error": {"type": "authentication_error", "message": "Incorrect API key provided."},
+    }
+    assert_openai_401(c.post("/v1/echo", json={}), "invalid_request_error")
+    big = client(limits=Limits(max_body_bytes=1024)).post("/api/embed", content=b"x" * 4096)
+    assert big.status_code == 413 and set(big.json()) == {"error"}

@@ -227,3 +227,12 @@ def test_every_profile_bounds_a_generation_by_default(name: str) -> None:
             ms, settings.limits
         )
         assert req.params.max_tokens == 7
+
+
+def test_slots_endpoint_is_off_by_default_and_set_like_any_setting(
+    profile: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert load_settings(str(profile)).slots_endpoint is False
+    monkeypatch.setenv("GGUF_SERVE_SLOTS_ENDPOINT", "true")
+    assert load_settings(str(profile)).slots_endpoint is True
+    assert load_settings(str(profile), slots_endpoint=False).slots_endpoint is False

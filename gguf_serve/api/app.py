@@ -14,7 +14,18 @@ from gguf_serve import __version__
 from gguf_serve.api.disconnect import CancelOnDisconnect
 from gguf_serve.api.errors import install_error_handlers
 from gguf_serve.api.observability import Metrics, install_observability
-from gguf_serve.api.routes import chat, completions, embeddings, models, rerank, tei
+from gguf_serve.api.routes import (
+    anthropic,
+    chat,
+    completions,
+    embeddings,
+    llama_server,
+    models,
+    ollama,
+    rerank,
+    responses,
+    tei,
+)
 from gguf_serve.api.security import install_security
 from gguf_serve.engine.registry import ModelRegistry
 from gguf_serve.settings import Settings
@@ -76,7 +87,18 @@ def create_app(
     app.state.settings = settings
     app.state.registry = registry
     install_error_handlers(app)
-    for module in (chat, completions, embeddings, rerank, tei, models):
+    for module in (
+        chat,
+        completions,
+        embeddings,
+        rerank,
+        tei,
+        models,
+        ollama,
+        anthropic,
+        responses,
+        llama_server,
+    ):
         app.include_router(module.router)
     # Middleware added last runs first: the access log sees every request, 401 and 413 included.
     install_security(app, settings)

@@ -18,6 +18,7 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from gguf_serve.api.errors import error_body
+from gguf_serve.api.protocol.anthropic import error_body as anthropic_error_body
 from gguf_serve.settings import Settings
 
 log = logging.getLogger("gguf_serve.security")
@@ -30,6 +31,18 @@ METRICS_PATHS = frozenset({"/metrics", "/stats"})
 
 def openai_error_body(status: int, message: str, code: str | None, type_: str | None = None) -> bytes:
     return json.dumps(error_body(status, message, None, code, type_)).encode()
+
+
+def family_error_body(
+    path: str, status: int, message: str, code: str | None, type_: str | None = None
+) -> bytes:
+    """The error shape of the route family a path belongs to, so that each client reads its
+    own: Ollama's {"error": message}, Anthropic's {"type": "error", ...}, else OpenAI's."""
+    if path.startswith("/api/"):
+        return json.dumps({"error": message}).encode()
+    if path.startswith("/v1/messages"):
+        return json.dumps(anthropic_error_body(status, message)).encode()
+    return openai_error_body(status, message, code, type_)
 
 
 async def send_json_error(
@@ -144,19 +157,22 @@ class SecurityMiddleware:
         if scope["type"] == "websocket":
             await send({"type": "websocket.close", "code": 1008})
             return
+        path = scope["path"]
         if missing:
-            body = openai_error_body(
+            body = family_error_body(
+                path,
                 401,
                 "You didn't provide an API key. Send it as 'Authorization: Bearer KEY' or 'x-api-key: KEY'.",
                 "invalid_api_key",
                 "invalid_request_error",  # as OpenAI answers a missing key
             )
         else:
-            body = openai_error_body(401, "Incorrect API key provided.", "invalid_api_key")
+            body = family_error_body(path, 401, "Incorrect API key provided.", "invalid_api_key")
         await send_json_error(send, 401, body, [(b"www-authenticate", b'Bearer realm="gguf-serve"')])
 
-    async def _too_large(self, send: Send) -> None:
-        body = openai_error_body(
+    async def _too_large(self, scope: Scope, send: Send) -> None:
+        body = family_error_body(
+            scope["path"],
             413,
             f"Request body too large: the limit is {self.max_body_bytes} bytes (limits.max_body_bytes).",
             "request_too_large",
@@ -175,7 +191,7 @@ class SecurityMiddleware:
                     await send_json_error(send, 400, body, [(b"connection", b"close")])
                     return
                 if declared > limit:
-                    await self._too_large(send)
+                    await self._too_large(scope, send)
                     return
 
         received = 0
@@ -210,7 +226,7 @@ class SecurityMiddleware:
             if started:
                 raise
         if too_large and not started:
-            await self._too_large(send)
+            await self._too_large(scope, send)
 
 
 def install_security(app: FastAPI, settings: Settings) -> None:

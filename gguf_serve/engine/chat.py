@@ -29,7 +29,7 @@ from gguf_serve.engine.requests import (
     ToolCall,
 )
 from gguf_serve.engine.scheduler import ChatScheduler, Generation
-from gguf_serve.engine.tool_calls import ToolCallParser
+from gguf_serve.engine.tool_calls import ToolCallParser, forced_call_grammar, forced_tool
 from gguf_serve.engine.vocabulary import Vocabulary, check_token_ids
 from gguf_serve.settings import Limits, ModelSettings
 
@@ -180,6 +180,9 @@ class ChatEngine(Vocabulary):
         tokens = self.tokenize_prompt(prompt)
         params = req.params
         compile_grammar(params)
+        forced, name = forced_tool(req.tool_choice) if req.tools_enabled else (False, None)
+        if forced and params.grammar is None and req.tools:
+            params.grammar = forced_call_grammar(req.tools, name)
         # Inside an open <think> (a Thinking template's prompt, or a prefill that opened one).
         thinking = prompt.rstrip().endswith("<think>") or (
             req.continue_final_message and prompt.rfind("<think>") > prompt.rfind("</think>")

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
+from typing import Any
 
-from gguf_serve.engine.requests import ToolCall
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
+from gguf_serve.engine.requests import InvalidRequest, ToolCall
 from gguf_serve.engine.text_stream import partial_tag_len
 
 OPEN = "<tool_call>"
@@ -77,3 +81,47 @@ class ToolCallParser:
         call = ToolCall(index=self._index, id=new_call_id(), name=obj["name"], arguments=args_text)
         self._index += 1
         return call
+
+
+def forced_tool(tool_choice: Any) -> tuple[bool, str | None]:
+    """Whether `tool_choice` forces a call, and of which tool (None: any of them).
+    "required" (OpenAI) and {"type": "function", "function": {"name": ...}} force one."""
+    if tool_choice == "required":
+        return True, None
+    if isinstance(tool_choice, dict) and tool_choice.get("type") == "function":
+        name = (tool_choice.get("function") or {}).get("name")
+        if isinstance(name, str) and name:
+            return True, name
+    return False, None
+
+
+def _tool_name(tool: dict[str, Any]) -> str | None:
+    fn = tool.get("function") or {}
+    name = fn.get("name")
+    return name if isinstance(name, str) else None
+
+
+def forced_call_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
+    """GBNF for an answer that is exactly one <tool_call> of the named tool (any tool when
+    None), its arguments held to the tool's JSON schema by llama.cpp's converter; the tags
+    are the ones ToolCallParser reads."""
+    chosen = [t for t in tools if _tool_name(t) is not None and (name is None or _tool_name(t) == name)]
+    if not chosen:
+        raise InvalidRequest(f"tool_choice names {name!r}, which is not one of the tools", "tool_choice")
+    alternatives = []
+    for tool in chosen:
+        params = (tool.get("function") or {}).get("parameters") or {"type": "object"}
+        alternatives.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": _tool_name(tool)}, "arguments": params},
+                "required": ["name", "arguments"],
+            }
+        )
+    schema = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
+    try:
+        gbnf = json_schema_to_gbnf(json.dumps(schema))
+    except Exception as e:
+        raise InvalidRequest(f"unsupported JSON schema in the forced tool's parameters: {e}", "tools") from e
+    body = re.sub(r"^root ::=", "forced-call ::=", gbnf, flags=re.MULTILINE)
+    return f'root ::= "{OPEN}\\n" forced-call "\\n{CLOSE}"\n{body}'

@@ -304,3 +304,43 @@ def test_models_list(client: openai.OpenAI, demo_server: str) -> None:
 def test_health(demo_server: str) -> None:
     assert httpx.get(f"{demo_server}/health").json() == {"status": "ok"}
     assert httpx.get(f"{demo_server}/ready").status_code == 200
+
+
+def test_tool_choice_required_or_named_forces_one_call(client: openai.OpenAI) -> None:
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "parameters": {
+                    "type": "object",
+                    "properties": {"city": {"type": "string", "maxLength": 20}},
+                    "required": ["city"],
+                },
+            },
+        },
+        {
+            "type": "function",
+            "function": {
+                "name": "get_time",
+                # Bounded arguments, so that 60 tokens always hold the whole call.
+                "parameters": {"type": "object", "properties": {}, "additionalProperties": False},
+            },
+        },
+    ]
+    for choice in ("required", {"type": "function", "function": {"name": "get_time"}}):
+        r = client.chat.completions.create(
+            model=MODEL,
+            messages=[{"role": "user", "content": "What's the weather in Paris?"}],
+            tools=tools,  # type: ignore[arg-type]
+            tool_choice=choice,  # type: ignore[arg-type]
+            max_tokens=60,
+        )
+        c = r.choices[0]
+        assert c.finish_reason == "tool_calls" and c.message.tool_calls and len(c.message.tool_calls) == 1
+        call = c.message.tool_calls[0].function  # type: ignore[union-attr]
+        assert isinstance(json.loads(call.arguments), dict)
+        if isinstance(choice, dict):
+            assert call.name == "get_time"
+        else:
+            assert call.name in ("get_weather", "get_time")

@@ -72,6 +72,27 @@ def test_api_keys(prod: ServerProcess) -> None:
     assert KEY not in prod.log_tail(400)
 
 
+def test_api_keys_with_the_anthropic_and_ollama_clients(prod: ServerProcess) -> None:
+    import anthropic
+    import ollama
+
+    hello = [{"role": "user", "content": "hi"}]
+    # The anthropic SDK sends its key as x-api-key.
+    msg = anthropic.Anthropic(base_url=prod.base_url, api_key=KEY, max_retries=0).messages.create(
+        model="smol", max_tokens=2, messages=hello
+    )
+    assert msg.usage.output_tokens > 0
+    with pytest.raises(anthropic.AuthenticationError):
+        anthropic.Anthropic(base_url=prod.base_url, api_key="nope", max_retries=0).messages.create(
+            model="smol", max_tokens=2, messages=hello
+        )
+    keyed = ollama.Client(host=prod.base_url, headers=AUTH)
+    assert keyed.chat(model="smol", messages=hello, options={"num_predict": 2}).done
+    with pytest.raises(ollama.ResponseError) as e:
+        ollama.Client(host=prod.base_url).list()
+    assert e.value.status_code == 401 and "API key" in e.value.error
+
+
 def test_body_limit_and_message_limit(prod: ServerProcess) -> None:
     big = {"model": "smol", "messages": [{"role": "user", "content": "x" * 2_000_000}]}
     r = httpx.post(prod.base_url + "/v1/chat/completions", json=big, headers=AUTH)

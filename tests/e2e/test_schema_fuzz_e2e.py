@@ -2,7 +2,8 @@
 generation tiny:
 
 - schemathesis over every route of the server's own OpenAPI schema: generated requests (valid
-  and not) never get a 5xx, and every 4xx is in OpenAI's error shape (TEI's on TEI routes);
+  and not) never get a 5xx, and every 4xx is in its route family's error
+  shape (OpenAI's, TEI's, Ollama's, Anthropic's);
 - issue 18's crash and 500 cases as explicit examples;
 - a GBNF fuzzer (tests/fuzz_grammars.py): hostile-but-plausible grammars on chat and
   completions, streamed or not: every answer is a 200 or a 4xx in the error shape.
@@ -103,11 +104,15 @@ def assert_alive(server: ServerProcess) -> None:
     assert httpx.get(f"{server.base_url}/health", timeout=30).status_code == 200
 
 
-def assert_error_shape(status: int, body: Any, what: object) -> None:
+def assert_error_shape(status: int, body: Any, what: object, path: str = "") -> None:
     assert status < 500, (status, what, str(body)[:500])
     if status >= 400:
         err = body["error"]
-        if isinstance(err, str):  # TEI's routes answer in TEI's shape: {"error", "error_type"}
+        if path.startswith("/api/"):  # Ollama's shape: {"error": message}
+            assert set(body) == {"error"} and isinstance(err, str) and err, body
+        elif body.get("type") == "error":  # Anthropic's: {"type": "error", "error": {"type", "message"}}
+            assert isinstance(err["message"], str) and err["message"] and err["type"], body
+        elif isinstance(err, str):  # TEI's routes answer in TEI's shape: {"error", "error_type"}
             assert err and isinstance(body["error_type"], str) and body["error_type"], body
         else:
             assert isinstance(err["message"], str) and err["message"], body
@@ -159,7 +164,7 @@ def test_no_server_errors_and_openai_error_shape(fuzz_process: ServerProcess) ->
             COUNTS["schemathesis"][str(response.status_code)] += 1
             what = (case.method, case.path, case.body)
             body = response.json() if response.status_code >= 400 else None
-            assert_error_shape(response.status_code, body, what)
+            assert_error_shape(response.status_code, body, what, case.path)
 
         run_budgeted(check)
     assert_alive(fuzz_process)
@@ -221,6 +226,29 @@ EXPLICIT: list[tuple[str, str | dict[str, Any], int]] = [
     # Jina's /rerank on the TEI router: its error path reads the body a second time (it hung).
     ("/rerank", {"model": "minilm-rerank", "query": "q", "documents": []}, 400),
     ("/rerank", '{"model": "minilm-rerank", "query": "q", "documents": ["a"], "top_n": NaN}', 400),
+    # The other route families read bodies as strictly, and a grammar check guards them too.
+    (
+        "/api/chat",
+        '{"model": "smol", "messages": [{"role": "user", "content": "hi"}], "options": {"temperature": NaN}}',
+        400,
+    ),
+    (
+        "/v1/messages",
+        '{"model": "smol", "max_tokens": 4, "messages": [{"role": "user", "content": "hi"}], "temperature": Infinity}',
+        400,
+    ),
+    ("/v1/responses", '{"model": "smol", "input": "hi", "temperature": NaN}', 400),
+    ("/tokenize", '{"content": "hi", "n": NaN}', 400),
+    (
+        "/api/chat",
+        {
+            "model": "smol",
+            "messages": USER,
+            "stream": False,
+            "format": {"type": "string", "maxLength": 10**8},
+        },
+        400,
+    ),
     ("/v1/chat/completions", {"model": "smol", "messages": USER}, 200),
 ]
 
@@ -233,7 +261,7 @@ def test_issue_18_cases_as_explicit_examples(fuzz_process: ServerProcess) -> Non
         )
         COUNTS["explicit"][str(r.status_code)] += 1
         assert r.status_code == want, (path, str(body)[:200], r.text[:500])
-        assert_error_shape(r.status_code, r.json(), (path, str(body)[:200]))
+        assert_error_shape(r.status_code, r.json(), (path, str(body)[:200]), path)
         assert_alive(fuzz_process)
 
 

@@ -91,3 +91,56 @@ def test_the_server_serves_on_after_timeouts(server: str) -> None:
         if r.status_code != 504:
             break
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 2
+
+
+# The Ollama, Anthropic and Responses routes have no logit_bias: a JSON schema that needs
+# 20,000 characters keeps the answer going past the deadline instead.
+LONG_SCHEMA = {
+    "type": "object",
+    "properties": {"s": {"type": "string", "minLength": 20000}},
+    "required": ["s"],
+}
+STORY = [{"role": "user", "content": "Tell me a long story."}]
+
+
+def test_ollama_past_the_deadline_504_and_an_error_line(server: str) -> None:
+    body = {"model": "smol", "messages": STORY, "format": LONG_SCHEMA, "options": {"num_predict": 3000}}
+    r = httpx.post(server + "/api/chat", json={**body, "stream": False}, timeout=60)
+    assert r.status_code == 504 and "took longer than 2s" in r.json()["error"]
+    with httpx.stream("POST", server + "/api/chat", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [json.loads(ln) for ln in r.iter_lines()]
+    assert set(lines[-1]) == {"error"} and "took longer than 2s" in lines[-1]["error"]
+    assert not any(line.get("done") for line in lines[:-1])
+
+
+def test_anthropic_stream_past_the_deadline_ends_with_an_error_event(server: str) -> None:
+    body = {
+        "model": "smol",
+        "max_tokens": 3000,
+        "messages": STORY,
+        "output_config": {"format": {"type": "json_schema", "schema": LONG_SCHEMA}},
+        "stream": True,
+    }
+    with httpx.stream("POST", server + "/v1/messages", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        lines = [ln for ln in r.iter_lines() if ln.startswith(("event: ", "data: "))]
+    assert lines[-2] == "event: error"
+    err = json.loads(lines[-1][len("data: ") :])
+    assert err["type"] == "error" and "took longer than 2s" in err["error"]["message"]
+    assert "event: message_stop" not in lines
+
+
+def test_responses_stream_past_the_deadline_ends_with_an_error_event(server: str) -> None:
+    body = {
+        "model": "smol",
+        "input": "Tell me a long story.",
+        "max_output_tokens": 3000,
+        "text": {"format": {"type": "json_schema", "name": "long", "schema": LONG_SCHEMA}},
+        "stream": True,
+    }
+    with httpx.stream("POST", server + "/v1/responses", json=body, timeout=60) as r:
+        assert r.status_code == 200
+        events = [json.loads(ln[len("data: ") :]) for ln in r.iter_lines() if ln.startswith("data: ")]
+    assert events[-1]["type"] == "error" and events[-1]["code"] == "timeout"
+    assert not any(e["type"] == "response.completed" for e in events)

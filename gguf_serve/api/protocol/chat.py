@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gguf_serve.api.protocol.common import SamplingFields
 from gguf_serve.engine.chat_template import check_template_kwargs
@@ -126,7 +127,7 @@ class ChatCompletionRequest(SamplingFields):
                     role=role,
                     content=m.text(i),
                     name=m.name,
-                    tool_calls=_normalise_tool_calls(m.tool_calls),
+                    tool_calls=normalise_tool_calls(m.tool_calls),
                     tool_call_id=m.tool_call_id,
                     reasoning_content=m.reasoning_content,
                 )
@@ -183,14 +184,22 @@ class ChatCompletionRequest(SamplingFields):
         )
 
 
-def _normalise_tool_calls(calls: list[ToolCallIn] | None) -> list[dict[str, Any]] | None:
-    """Templates expect arguments as an object (Qwen's renders `tool_call.arguments | tojson`)."""
+def normalise_tool_calls(
+    calls: Sequence[ToolCallIn | dict[str, Any]] | None, param: str = "messages"
+) -> list[dict[str, Any]] | None:
+    """Earlier tool calls as chat templates take them: arguments as an object (Qwen's renders
+    `tool_call.arguments | tojson`). Other APIs' routes pass plain dicts in OpenAI's shape;
+    one that is not a tool call is a 400."""
     if not calls:
         return None
     import json
 
     out = []
-    for typed in calls:
+    for item in calls:
+        try:
+            typed = item if isinstance(item, ToolCallIn) else ToolCallIn.model_validate(item)
+        except ValidationError as e:
+            raise InvalidRequest(f"invalid tool call: {e.errors()[0]['msg']}", param) from None
         call = typed.model_dump(exclude_none=True)
         fn = call["function"]
         args = fn.get("arguments")
