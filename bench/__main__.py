@@ -22,6 +22,7 @@ suite = (
     else [
         ("bench.bench_chat", reference),
         ("bench.bench_rag", reference),
+        ("bench.bench_isolation", []),
         ("bench.bench_embed", reference),
         ("bench.bench_mixed", []),
         ("bench.bench_convert", []),
