@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Generic, Literal, overload
@@ -13,9 +13,9 @@ from typing import Any, Generic, Literal, overload
 from fastapi import Request
 
 from gguf_serve.api.errors import error_body
-from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, RerankModel
+from gguf_serve.engine.interfaces import AnyEngine, ChatEvents, ChatModel, EmbeddingModel, RerankModel
 from gguf_serve.engine.registry import E, LoadedModel, ModelRegistry
-from gguf_serve.engine.requests import EngineError, EngineUnavailable, Finished, InvalidRequest
+from gguf_serve.engine.requests import ChatDelta, EngineError, EngineUnavailable, Finished, InvalidRequest
 from gguf_serve.settings import Limits, Role
 
 
@@ -98,6 +98,27 @@ class ServingContext(Generic[E]):
         if fin.reason == "cancelled":
             fin.reason = "length"  # the server shut down mid-answer: what it made is returned
         return fin
+
+
+class ChatAnswer:
+    """A chat answer as a route reads it: its non-empty deltas within the request's deadline,
+    the first one counted as the time to first token; `finished` holds its Finished once the
+    iteration ends (None if the engine never said how it finished)."""
+
+    def __init__(self, ctx: ServingContext[Any], chat: ChatEvents, what: str) -> None:
+        self._ctx = ctx
+        self._chat = chat
+        self._what = what
+        self.finished: Finished | None = None
+
+    async def __aiter__(self) -> AsyncIterator[ChatDelta]:
+        async with Deadline(self._ctx.limits.request_timeout_s, self._chat.cancel, self._what):
+            async for ev in self._chat:
+                if isinstance(ev, Finished):
+                    self.finished = ev
+                elif ev:
+                    self._ctx.first_token()
+                    yield ev
 
 
 class Deadline:

@@ -92,12 +92,17 @@ class EngineCore:
 
     async def _push_stats(self) -> None:
         while True:
-            try:
-                stats = self.engine.stats()
-            except Exception:  # a half-built engine: skip this round
-                stats = {}
-            self._send(("stats", stats, self.engine.health()))
+            self._send_stats()
             await asyncio.sleep(STATS_INTERVAL_S)
+
+    def _send_stats(self) -> None:
+        """Also right after each request ends: its slot or batch seat is free now, and /stats,
+        /slots and keep_alive must not see it busy until the next periodic push."""
+        try:
+            stats = self.engine.stats()
+        except Exception:  # a half-built engine: skip this round
+            stats = {}
+        self._send(("stats", stats, self.engine.health()))
 
     # --- requests ---------------------------------------------------------------------------
     def _dispatch(self, msg: tuple[Any, ...]) -> None:
@@ -130,6 +135,7 @@ class EngineCore:
             self._send(("result", rid, value))
         finally:
             self._tasks.pop(rid, None)
+            self._send_stats()
 
     async def _start_stream(self, rid: int, method: str, args: tuple[Any, ...]) -> None:
         try:
@@ -166,6 +172,7 @@ class EngineCore:
             if self._open[rid] == 0:
                 del self._open[rid]
                 self._streams.pop(rid, None)
+                self._send_stats()
 
 
 def handshake(engine: AnyEngine) -> Handshake:

@@ -22,10 +22,10 @@ from gguf_serve.api.protocol.anthropic import (
     tool_use_block,
     usage,
 )
-from gguf_serve.api.serving import Deadline, ServingContext
+from gguf_serve.api.serving import ChatAnswer, ServingContext
 from gguf_serve.api.strict_json import StrictJSONRoute
 from gguf_serve.engine.interfaces import ChatEvents, ChatModel
-from gguf_serve.engine.requests import ChatDelta, ChatRequest, EngineError, Finished
+from gguf_serve.engine.requests import ChatRequest, EngineError
 
 
 class AnthropicRoute(StrictJSONRoute):
@@ -80,7 +80,6 @@ async def create_message(body: MessagesRequest, request: Request) -> Response:
 
 async def _collect(ctx: ServingContext[ChatModel], chat: ChatEvents, mid: str) -> dict[str, Any]:
     blocks: list[dict[str, Any]] = []
-    fin: Finished | None = None
 
     def append(kind: str, key: str, text: str) -> None:
         if blocks and blocks[-1]["type"] == kind:
@@ -88,21 +87,17 @@ async def _collect(ctx: ServingContext[ChatModel], chat: ChatEvents, mid: str) -
         else:
             blocks.append({"type": kind, key: text, **({"signature": ""} if kind == "thinking" else {})})
 
+    answer = ChatAnswer(ctx, chat, "message")
     try:
-        async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "message"):
-            async for ev in chat:
-                if isinstance(ev, Finished):
-                    fin = ev
-                    continue
-                ctx.first_token()
-                if ev.reasoning:
-                    append("thinking", "thinking", ev.reasoning)
-                if ev.content:
-                    append("text", "text", ev.content)
-                blocks.extend(tool_use_block(c) for c in ev.tool_calls)
+        async for ev in answer:
+            if ev.reasoning:
+                append("thinking", "thinking", ev.reasoning)
+            if ev.content:
+                append("text", "text", ev.content)
+            blocks.extend(tool_use_block(c) for c in ev.tool_calls)
     finally:
         chat.cancel()
-    done = ctx.finished(fin)
+    done = ctx.finished(answer.finished)
     if not any(b["type"] in ("text", "tool_use") for b in blocks):
         blocks.append({"type": "text", "text": ""})
     stop = "tool_use" if any(b["type"] == "tool_use" for b in blocks) else STOP_REASONS.get(done.reason)
@@ -148,33 +143,26 @@ async def _stream(
     yield _event(
         "message_start", {"message": message(mid, ctx.model_name, [], None, usage(prompt_tokens, 0, 0))}
     )
-    fin: Finished | None = None
+    answer = ChatAnswer(ctx, chat, "message")
     try:
-        async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "message"):
-            async for ev in chat:
-                if isinstance(ev, Finished):
-                    fin = ev
-                    continue
-                if not isinstance(ev, ChatDelta) or not ev:
-                    continue
-                ctx.first_token()
-                if ev.reasoning:
-                    if open_kind != "thinking":
-                        for e in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
-                            yield e
-                    yield delta({"type": "thinking_delta", "thinking": ev.reasoning})
-                if ev.content:
-                    if open_kind != "text":
-                        for e in start("text", {"type": "text", "text": ""}):
-                            yield e
-                    yield delta({"type": "text_delta", "text": ev.content})
-                for call in ev.tool_calls:
-                    made_call = True
-                    block = tool_use_block(call)
-                    for e in start("tool_use", {**block, "input": {}}):
+        async for ev in answer:
+            if ev.reasoning:
+                if open_kind != "thinking":
+                    for e in start("thinking", {"type": "thinking", "thinking": "", "signature": ""}):
                         yield e
-                    yield delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
-        done = ctx.finished(fin)
+                yield delta({"type": "thinking_delta", "thinking": ev.reasoning})
+            if ev.content:
+                if open_kind != "text":
+                    for e in start("text", {"type": "text", "text": ""}):
+                        yield e
+                yield delta({"type": "text_delta", "text": ev.content})
+            for call in ev.tool_calls:
+                made_call = True
+                block = tool_use_block(call)
+                for e in start("tool_use", {**block, "input": {}}):
+                    yield e
+                yield delta({"type": "input_json_delta", "partial_json": json.dumps(block["input"])})
+        done = ctx.finished(answer.finished)
         if index < 0:
             for e in start("text", {"type": "text", "text": ""}):
                 yield e

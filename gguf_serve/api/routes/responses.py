@@ -20,10 +20,10 @@ from gguf_serve.api.protocol.responses import (
     reasoning_item,
     response_object,
 )
-from gguf_serve.api.serving import Deadline, ServingContext
+from gguf_serve.api.serving import ChatAnswer, ServingContext
 from gguf_serve.api.strict_json import StrictJSONRoute
 from gguf_serve.engine.interfaces import ChatEvents, ChatModel
-from gguf_serve.engine.requests import ChatDelta, EngineError, Finished
+from gguf_serve.engine.requests import EngineError
 
 router = APIRouter(route_class=StrictJSONRoute)
 
@@ -57,30 +57,25 @@ async def _collect(
     ctx: ServingContext[ChatModel], chat: ChatEvents, body: ResponsesRequest, rid: str, created: float
 ) -> dict[str, Any]:
     output: list[dict[str, Any]] = []
-    fin: Finished | None = None
+    answer = ChatAnswer(ctx, chat, "response")
     try:
-        async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "response"):
-            async for ev in chat:
-                if isinstance(ev, Finished):
-                    fin = ev
-                    continue
-                ctx.first_token()
+        async for ev in answer:
+            last = output[-1] if output else None
+            if ev.reasoning:
+                if last is not None and last["type"] == "reasoning":
+                    last["content"][0]["text"] += ev.reasoning
+                else:
+                    output.append(reasoning_item(new_id("rs"), ev.reasoning))
+            if ev.content:
                 last = output[-1] if output else None
-                if ev.reasoning:
-                    if last is not None and last["type"] == "reasoning":
-                        last["content"][0]["text"] += ev.reasoning
-                    else:
-                        output.append(reasoning_item(new_id("rs"), ev.reasoning))
-                if ev.content:
-                    last = output[-1] if output else None
-                    if last is not None and last["type"] == "message":
-                        last["content"][0]["text"] += ev.content
-                    else:
-                        output.append(message_item(new_id("msg"), ev.content))
-                output.extend(function_call_item(new_id("fc"), c) for c in ev.tool_calls)
+                if last is not None and last["type"] == "message":
+                    last["content"][0]["text"] += ev.content
+                else:
+                    output.append(message_item(new_id("msg"), ev.content))
+            output.extend(function_call_item(new_id("fc"), c) for c in ev.tool_calls)
     finally:
         chat.cancel()
-    done = ctx.finished(fin)
+    done = ctx.finished(answer.finished)
     if not any(item["type"] in ("message", "function_call") for item in output):
         output.append(message_item(new_id("msg"), ""))
     return response_object(rid, ctx.model_name, created, body, output, done)
@@ -171,64 +166,57 @@ async def _stream(
     yield event(
         "response.in_progress", response=response_object(rid, ctx.model_name, created, body, [], None)
     )
-    fin: Finished | None = None
+    answer = ChatAnswer(ctx, chat, "response")
     try:
-        async with Deadline(ctx.limits.request_timeout_s, chat.cancel, "response"):
-            async for ev in chat:
-                if isinstance(ev, Finished):
-                    fin = ev
-                    continue
-                if not isinstance(ev, ChatDelta) or not ev:
-                    continue
-                ctx.first_token()
-                if ev.reasoning:
-                    if current is None or current["type"] != "reasoning":
-                        item = {**reasoning_item(new_id("rs"), "", "in_progress"), "content": []}
-                        for e in open_item(item, {"type": "reasoning_text", "text": ""}):
-                            yield e
-                    text += ev.reasoning
-                    yield event(
-                        "response.reasoning_text.delta",
-                        item_id=current["id"],  # type: ignore[index]
-                        output_index=len(output),
-                        content_index=0,
-                        delta=ev.reasoning,
-                    )
-                if ev.content:
-                    if current is None or current["type"] != "message":
-                        item = message_item(new_id("msg"), "", "in_progress")
-                        part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                        for e in open_item(item, part):
-                            yield e
-                    text += ev.content
-                    yield event(
-                        "response.output_text.delta",
-                        item_id=current["id"],  # type: ignore[index]
-                        output_index=len(output),
-                        content_index=0,
-                        delta=ev.content,
-                        logprobs=[],
-                    )
-                for call in ev.tool_calls:
-                    fc = function_call_item(new_id("fc"), call, "in_progress")
-                    for e in open_item(fc, None):
+        async for ev in answer:
+            if ev.reasoning:
+                if current is None or current["type"] != "reasoning":
+                    item = {**reasoning_item(new_id("rs"), "", "in_progress"), "content": []}
+                    for e in open_item(item, {"type": "reasoning_text", "text": ""}):
                         yield e
-                    index = len(output)
-                    yield event(
-                        "response.function_call_arguments.delta",
-                        item_id=fc["id"],
-                        output_index=index,
-                        delta=call.arguments,
-                    )
-                    yield event(
-                        "response.function_call_arguments.done",
-                        item_id=fc["id"],
-                        output_index=index,
-                        name=call.name,
-                        arguments=call.arguments,
-                    )
-                    current = function_call_item(fc["id"], call)
-        done = ctx.finished(fin)
+                text += ev.reasoning
+                yield event(
+                    "response.reasoning_text.delta",
+                    item_id=current["id"],  # type: ignore[index]
+                    output_index=len(output),
+                    content_index=0,
+                    delta=ev.reasoning,
+                )
+            if ev.content:
+                if current is None or current["type"] != "message":
+                    item = message_item(new_id("msg"), "", "in_progress")
+                    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
+                    for e in open_item(item, part):
+                        yield e
+                text += ev.content
+                yield event(
+                    "response.output_text.delta",
+                    item_id=current["id"],  # type: ignore[index]
+                    output_index=len(output),
+                    content_index=0,
+                    delta=ev.content,
+                    logprobs=[],
+                )
+            for call in ev.tool_calls:
+                fc = function_call_item(new_id("fc"), call, "in_progress")
+                for e in open_item(fc, None):
+                    yield e
+                index = len(output)
+                yield event(
+                    "response.function_call_arguments.delta",
+                    item_id=fc["id"],
+                    output_index=index,
+                    delta=call.arguments,
+                )
+                yield event(
+                    "response.function_call_arguments.done",
+                    item_id=fc["id"],
+                    output_index=index,
+                    name=call.name,
+                    arguments=call.arguments,
+                )
+                current = function_call_item(fc["id"], call)
+        done = ctx.finished(answer.finished)
         if current is None and not any(i["type"] in ("message", "function_call") for i in output):
             for e in open_item(
                 message_item(new_id("msg"), "", "in_progress"),
