@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -273,6 +273,7 @@ class EngineClient:
             try:
                 with self._lock:
                     self.restarts += 1
+                    self._health = replace(self._health, restarts=self.restarts)
                 self.start()
             except ModelLoadError as e:
                 log.error("model %s: restart failed: %s", self.settings.id, e)

@@ -7,6 +7,8 @@ read them from here. tests/test_qwen3_prompts.py pins them against the model car
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
+
 # Qwen3-Reranker: the default task, and the prompt around one (query, document) pair.
 RERANK_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
 RERANK_PREFIX = (
@@ -31,16 +33,30 @@ def rerank_template(instruction: str = RERANK_INSTRUCTION) -> str:
 
 def fill(template: str, **fields: str) -> str:
     """{name} fields filled in one pass, so braces in a query or document are never re-read."""
+    return "".join(text for text, _ in fill_runs(template, (), fields))
+
+
+def fill_runs(template: str, specials: Sequence[str], fields: Mapping[str, str]) -> list[tuple[str, bool]]:
+    """`fill`, cut into runs of (text, is_control): each of `specials` that the template itself
+    holds (not the text filled in) is a run of its own, marked True; the rest is plain text."""
     keys = {"{" + k + "}": v for k, v in fields.items()}
-    out: list[str] = []
+    runs: list[tuple[str, bool]] = []
+    text: list[str] = []
     i = 0
     while i < len(template):
         for key, value in keys.items():
             if template.startswith(key, i):
-                out.append(value)
+                text.append(value)
                 i += len(key)
                 break
         else:
-            out.append(template[i])
-            i += 1
-    return "".join(out)
+            sp = next((sp for sp in specials if template.startswith(sp, i)), None)
+            if sp is None:
+                text.append(template[i])
+                i += 1
+            else:
+                runs += [("".join(text), False), (sp, True)]
+                text = []
+                i += len(sp)
+    runs.append(("".join(text), False))
+    return runs

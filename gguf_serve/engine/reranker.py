@@ -30,7 +30,7 @@ from gguf_serve.engine.interfaces import EmbeddingModel
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.model_info import ModelInfo, model_info
 from gguf_serve.engine.off_loop import tokenize_off_loop
-from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, RERANK_PROMPT
+from gguf_serve.engine.qwen3_prompts import RERANK_INSTRUCTION, RERANK_PROMPT, fill_runs
 from gguf_serve.engine.requests import HEALTHY, ContextOverflow, EngineHealth, InvalidRequest
 from gguf_serve.engine.vocabulary import Vocabulary
 from gguf_serve.settings import Limits, ModelSettings
@@ -120,28 +120,7 @@ def tokenize_filled(model: LlamaModel, template: str, **fields: str) -> list[int
     "<|im_end|>" stays text. The text between the template's control tokens (template text and
     fields together) is tokenized as one piece, as llama.cpp splits a prompt at special tokens
     before tokenizing, so ordinary text gives exactly the tokens of the whole filled prompt."""
-    specials = _control_texts(model, template, list(fields))
-    keys = {"{" + k + "}": v for k, v in fields.items()}
-    runs: list[tuple[str, bool]] = []
-    text: list[str] = []
-    i = 0
-    while i < len(template):
-        for key, value in keys.items():
-            if template.startswith(key, i):
-                text.append(value)
-                i += len(key)
-                break
-        else:
-            sp = next((sp for sp in specials if template.startswith(sp, i)), None)
-            if sp is None:
-                text.append(template[i])
-                i += 1
-            else:
-                runs.append(("".join(text), False))
-                runs.append((sp, True))
-                text = []
-                i += len(sp)
-    runs.append(("".join(text), False))
+    runs = fill_runs(template, _control_texts(model, template, list(fields)), fields)
     out: list[int] = []
     for piece, special in runs:
         if piece:
