@@ -159,10 +159,14 @@ class EngineCore:
 
     async def _pump(self, rid: int, choice: int, stream: ChatEvents | TokenEvents) -> None:
         finished = False
+        started = False
         try:
             async for ev in stream:
                 self._send(("event", rid, choice, ev))
                 finished = isinstance(ev, Finished)
+                if not started:  # it holds a slot now: /stats should say so before the next push
+                    started = True
+                    self._send_stats()
         except Exception as e:
             log.exception("a generation failed")
             if not finished:
