@@ -5,10 +5,10 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Generic, Literal, overload
+from typing import Any, Generic, Literal, TypeVar, overload
 
 from fastapi import Request
 
@@ -17,6 +17,8 @@ from gguf_serve.engine.interfaces import AnyEngine, ChatEvents, ChatModel, Embed
 from gguf_serve.engine.registry import E, LoadedModel, ModelRegistry
 from gguf_serve.engine.requests import ChatDelta, EngineError, EngineUnavailable, Finished, InvalidRequest
 from gguf_serve.settings import Limits, Role
+
+T = TypeVar("T")
 
 
 class GenerationFailed(EngineError):
@@ -76,6 +78,14 @@ class ServingContext(Generic[E]):
     @property
     def metrics(self) -> Any:
         return getattr(self.request.app.state, "metrics", None)
+
+    async def within_deadline(self, what: str, call: Awaitable[T]) -> T:
+        """`call` (an embedding, a rerank) bounded by limits.request_timeout_s: past it, RequestTimeout."""
+        try:
+            async with asyncio.timeout(self.limits.request_timeout_s):
+                return await call
+        except TimeoutError:
+            raise RequestTimeout(f"{what} took longer than {self.limits.request_timeout_s:g}s") from None
 
     def first_token(self) -> None:
         if not self._ttft_seen:

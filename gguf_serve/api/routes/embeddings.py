@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gguf_serve.api.protocol.embeddings import EmbeddingRequest, embedding_response
-from gguf_serve.api.serving import RequestTimeout, ServingContext
+from gguf_serve.api.serving import ServingContext
 from gguf_serve.api.strict_json import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute)
@@ -20,14 +18,11 @@ async def create_embeddings(body: EmbeddingRequest, request: Request) -> JSONRes
     ctx = await ServingContext.for_request(request, body.model, "embedding")
     inputs = body.inputs(ctx.limits.max_inputs)
     ms = ctx.loaded.settings
-    try:
-        async with asyncio.timeout(ctx.limits.request_timeout_s):
-            # An id with same_weights_as shares the engine but brings its own query instruction.
-            result = await ctx.loaded.engine.embed(
-                inputs, instruction=ms.query_instruction, dimensions=body.dimensions
-            )
-    except TimeoutError:
-        raise RequestTimeout(f"embedding took longer than {ctx.limits.request_timeout_s:g}s") from None
+    # An id with same_weights_as shares the engine but brings its own query instruction.
+    result = await ctx.within_deadline(
+        "embedding",
+        ctx.loaded.engine.embed(inputs, instruction=ms.query_instruction, dimensions=body.dimensions),
+    )
     if ctx.metrics is not None:
         ctx.metrics.add_tokens(ms.id, result.prompt_tokens, 0)
     return JSONResponse(

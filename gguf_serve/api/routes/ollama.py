@@ -36,7 +36,7 @@ from gguf_serve.api.protocol.ollama import (
     tool_calls_json,
 )
 from gguf_serve.api.protocol.rerank import rerank_response
-from gguf_serve.api.serving import Deadline, RequestTimeout, ServingContext
+from gguf_serve.api.serving import Deadline, ServingContext
 from gguf_serve.api.strict_json import StrictJSONRoute
 from gguf_serve.engine.interfaces import ChatEvents, ChatModel, TokenEvents
 from gguf_serve.engine.registry import LoadState, ModelRegistry
@@ -332,21 +332,12 @@ async def generate(body: GenerateBody, request: Request) -> Response:
 # --- embeddings and rerank --------------------------------------------------------------------
 
 
-async def _bounded(ctx: ServingContext[Any], what: str, call: Coroutine[Any, Any, Any]) -> Any:
-    try:
-        async with asyncio.timeout(ctx.limits.request_timeout_s):
-            return await call
-    except TimeoutError:
-        raise RequestTimeout(f"{what} took longer than {ctx.limits.request_timeout_s:g}s") from None
-
-
 @router.post("/api/embed")
 async def embed(body: EmbedBody, request: Request) -> JSONResponse:
     ctx = await _context(request, body, "embedding")
     t0 = time.monotonic_ns()
     ms = ctx.loaded.settings
-    result = await _bounded(
-        ctx,
+    result = await ctx.within_deadline(
         "embedding",
         ctx.loaded.engine.embed(
             body.texts(ctx.limits.max_inputs),
@@ -376,8 +367,8 @@ async def embeddings(body: EmbeddingsBody, request: Request) -> JSONResponse:
     ms = ctx.loaded.settings
     if not body.prompt:  # Ollama answers an empty prompt with an empty embedding
         return JSONResponse({"embedding": []})
-    result = await _bounded(
-        ctx, "embedding", ctx.loaded.engine.embed([body.prompt], instruction=ms.query_instruction)
+    result = await ctx.within_deadline(
+        "embedding", ctx.loaded.engine.embed([body.prompt], instruction=ms.query_instruction)
     )
     if ctx.metrics is not None:
         ctx.metrics.add_tokens(ms.id, result.prompt_tokens, 0)
@@ -394,7 +385,7 @@ async def rerank(body: RerankBody, request: Request) -> JSONResponse:
             f"{ctx.limits.max_documents} per request",
             "documents",
         )
-    result = await _bounded(ctx, "rerank", ctx.loaded.engine.score(body.query, body.documents))
+    result = await ctx.within_deadline("rerank", ctx.loaded.engine.score(body.query, body.documents))
     if ctx.metrics is not None:
         ctx.metrics.add_tokens(ctx.loaded.settings.id, result.prompt_tokens, 0)
     return JSONResponse(

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse
 
 from gguf_serve.api.protocol.rerank import RerankRequest, rerank_response
-from gguf_serve.api.serving import RequestTimeout, ServingContext
+from gguf_serve.api.serving import ServingContext
 from gguf_serve.api.strict_json import StrictJSONRoute
 
 router = APIRouter(route_class=StrictJSONRoute)
@@ -20,11 +18,9 @@ router = APIRouter(route_class=StrictJSONRoute)
 async def rerank(body: RerankRequest, request: Request) -> JSONResponse:
     ctx = await ServingContext.for_request(request, body.model, "rerank")
     texts = body.texts(ctx.limits.max_documents)
-    try:
-        async with asyncio.timeout(ctx.limits.request_timeout_s):
-            result = await ctx.loaded.engine.score(body.query, texts, instruction=body.instruction)
-    except TimeoutError:
-        raise RequestTimeout(f"rerank took longer than {ctx.limits.request_timeout_s:g}s") from None
+    result = await ctx.within_deadline(
+        "rerank", ctx.loaded.engine.score(body.query, texts, instruction=body.instruction)
+    )
     if ctx.metrics is not None:
         ctx.metrics.add_tokens(ctx.loaded.settings.id, result.prompt_tokens, 0)
     return JSONResponse(

@@ -120,41 +120,14 @@ async def _stream(
         if current is None:
             return []
         index, iid, out = len(output), current["id"], []
-        if current["type"] == "message":
-            done = message_item(iid, text)
-            part = done["content"][0]
-            out.append(
-                event(
-                    "response.output_text.done",
-                    item_id=iid,
-                    output_index=index,
-                    content_index=0,
-                    text=text,
-                    logprobs=[],
-                )
-            )
-            out.append(
-                event(
-                    "response.content_part.done", item_id=iid, output_index=index, content_index=0, part=part
-                )
-            )
-        elif current["type"] == "reasoning":
-            done = reasoning_item(iid, text)
-            part = done["content"][0]
-            out.append(
-                event(
-                    "response.reasoning_text.done",
-                    item_id=iid,
-                    output_index=index,
-                    content_index=0,
-                    text=text,
-                )
-            )
-            out.append(
-                event(
-                    "response.content_part.done", item_id=iid, output_index=index, content_index=0, part=part
-                )
-            )
+        if current["type"] in ("message", "reasoning"):
+            message = current["type"] == "message"
+            done = (message_item if message else reasoning_item)(iid, text)
+            extra: dict[str, Any] = {"logprobs": []} if message else {}
+            kind = "output_text" if message else "reasoning_text"
+            at = {"item_id": iid, "output_index": index, "content_index": 0}
+            out.append(event(f"response.{kind}.done", **at, text=text, **extra))
+            out.append(event("response.content_part.done", **at, part=done["content"][0]))
         else:
             done = current
         out.append(event("response.output_item.done", output_index=index, item=done))

@@ -6,9 +6,8 @@ answers, and which error shape a failure gets.
 
 from __future__ import annotations
 
-import asyncio
 import json
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
 from fastapi import APIRouter, Body, Request
@@ -30,13 +29,12 @@ from gguf_serve.api.protocol.tei import (
     tei_model,
 )
 from gguf_serve.api.routes import rerank as jina
-from gguf_serve.api.serving import RequestTimeout, ServingContext
+from gguf_serve.api.serving import ServingContext
 from gguf_serve.api.strict_json import StrictJSONRoute, strict_request
 from gguf_serve.engine.requests import EngineError
 from gguf_serve.settings import Settings
 
 M = TypeVar("M", bound=BaseModel)
-T = TypeVar("T")
 
 
 async def _speaks_tei(request: Request) -> bool:
@@ -80,22 +78,13 @@ def _parse(model: type[M], body: dict[str, Any]) -> M:
         raise RequestValidationError([{**err, "loc": ("body", *err["loc"])} for err in e.errors()]) from None
 
 
-async def _bounded(ctx: ServingContext, what: str, call: Awaitable[T]) -> T:
-    try:
-        async with asyncio.timeout(ctx.limits.request_timeout_s):
-            return await call
-    except TimeoutError:
-        raise RequestTimeout(f"{what} took longer than {ctx.limits.request_timeout_s:g}s") from None
-
-
 @router.post("/embed")
 async def tei_embed(body: TEIEmbedRequest, request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     ctx = await ServingContext.for_request(request, tei_model(settings, "embedding"), "embedding")
     inputs = body.input_list(ctx.limits.max_inputs)
     ms = ctx.loaded.settings
-    result = await _bounded(
-        ctx,
+    result = await ctx.within_deadline(
         "embedding",
         ctx.loaded.engine.embed(
             inputs,
@@ -117,7 +106,9 @@ async def tei_rerank(body: TEIRerankRequest, request: Request) -> JSONResponse:
     settings: Settings = request.app.state.settings
     ctx = await ServingContext.for_request(request, tei_model(settings, "rerank"), "rerank")
     texts = body.text_list(ctx.limits.max_documents)
-    result = await _bounded(ctx, "rerank", ctx.loaded.engine.score(body.query, texts, truncate=body.truncate))
+    result = await ctx.within_deadline(
+        "rerank", ctx.loaded.engine.score(body.query, texts, truncate=body.truncate)
+    )
     if ctx.metrics is not None:
         ctx.metrics.add_tokens(ctx.loaded.settings.id, result.prompt_tokens, 0)
     return JSONResponse(
