@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
-from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+from llama_cpp.llama_grammar import JSON_GBNF
 
 from gguf_serve.engine.chat_template import CHATML_TEMPLATE, ChatTemplate, check_template_kwargs
 from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.grammar_check import GrammarError, check_json_schema
+from gguf_serve.engine.json_grammar import json_schema_gbnf
 from gguf_serve.engine.llama_runtime import ContextParams, LlamaContext, LlamaModel, usable_cpus
 from gguf_serve.engine.model_defaults import GGUF_SAMPLING_KEYS
 from gguf_serve.engine.model_info import ModelInfo, model_info
@@ -45,7 +45,7 @@ def grammar_for_json_schema(schema: dict[str, Any]) -> str:
     if schema == {"type": "object"}:
         return JSON_GBNF
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return json_schema_gbnf(schema)
     except Exception as e:
         raise InvalidRequest(f"unsupported JSON schema: {e}", "json_schema") from e
 

@@ -7,8 +7,7 @@ import re
 import uuid
 from typing import Any
 
-from llama_cpp.llama_grammar import json_schema_to_gbnf
-
+from gguf_serve.engine.json_grammar import json_schema_gbnf
 from gguf_serve.engine.requests import InvalidRequest, ToolCall
 from gguf_serve.engine.text_stream import partial_tag_len
 
@@ -120,7 +119,7 @@ def forced_call_grammar(tools: list[dict[str, Any]], name: str | None) -> str:
         )
     schema = alternatives[0] if len(alternatives) == 1 else {"oneOf": alternatives}
     try:
-        gbnf = json_schema_to_gbnf(json.dumps(schema))
+        gbnf = json_schema_gbnf(schema)
     except Exception as e:
         raise InvalidRequest(f"unsupported JSON schema in the forced tool's parameters: {e}", "tools") from e
     body = re.sub(r"^root ::=", "forced-call ::=", gbnf, flags=re.MULTILINE)

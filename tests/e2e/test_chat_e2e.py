@@ -170,6 +170,29 @@ def test_json_schema_output(client: openai.OpenAI) -> None:
     assert isinstance(data["name"], str) and isinstance(data["age"], int)
 
 
+def test_an_enforced_json_string_never_holds_a_raw_control_character(
+    client: openai.OpenAI, demo_server: str
+) -> None:
+    """JSON forbids a raw newline inside a string. With the newline token pushed as hard as a
+    client can push it, the schema's grammar must still refuse it there (llama-cpp-python's
+    converter allowed it, and the answer was invalid JSON)."""
+    newline = httpx.post(f"{demo_server}/tokenize", json={"content": "\n"}, timeout=30).json()["tokens"]
+    schema = {
+        "type": "object",
+        "properties": {"answer": {"type": "string", "maxLength": 12}},
+        "required": ["answer"],
+    }
+    out = client.chat.completions.create(
+        model=MODEL,
+        messages=[{"role": "user", "content": "Answer in JSON, one line per word."}],
+        max_tokens=40,
+        temperature=0,
+        logit_bias={str(t): 100 for t in newline},
+        response_format={"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    )
+    assert isinstance(json.loads(out.choices[0].message.content or "")["answer"], str)
+
+
 def test_context_overflow_is_400(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "word " * 5000}])
