@@ -32,7 +32,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_embed import make_texts
-from bench.servers import BenchServer, rss_mib
+from bench.servers import BenchServer, tree_rss_mib
 from tests.e2e.server import free_port
 
 BATCH = 16
@@ -206,7 +206,7 @@ def main() -> None:
     def sample() -> None:
         t0 = time.monotonic()
         while not stop.is_set():
-            rss.append((time.monotonic() - t0, rss_mib(srv.proc.pid)))
+            rss.append((time.monotonic() - t0, tree_rss_mib(srv.proc.pid)))
             stop.wait(1.0)
 
     try:

@@ -60,6 +60,24 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
+def tree_rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """rss_mib summed over a process and all its descendants: a server's API process and its
+    engine processes (shared pages counted once per process, as top and ps count them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
+        total += rss_mib(p, field)
+        todo.extend(children.get(p, []))
+    return total
+
+
 def llama_server(binary: str, gguf: Path, *args: str) -> BenchServer:
     """llama.cpp's C++ llama-server on `gguf` with our thread count: the reference."""
     port = free_port()

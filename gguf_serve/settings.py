@@ -317,6 +317,10 @@ class Settings(BaseSettings):
     # restarts by itself. "thread": engines run inside the API process (no process hop; one
     # abort ends the server), for debugging and for embedding gguf-serve in another program.
     engine_isolation: Literal["process", "thread"] = "process"
+    # The threads every engine's decodes share (engine/cpu_budget.py): models decoding at the
+    # same time split them instead of each running one thread per CPU on the same cores.
+    # None: every CPU this server may run on. A model's own n_threads still caps its share.
+    cpu_threads: int | None = Field(None, ge=1)
 
     api_keys: Annotated[list[SecretStr], NoDecode] = Field(default_factory=list)
     api_key_file: Path | None = None

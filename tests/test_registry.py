@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gguf_serve.engine.llama_runtime import ModelLoadError
+from gguf_serve.engine.llama_runtime import ModelLoadError, usable_cpus
 from gguf_serve.engine.registry import LoadState, ModelRegistry
 from gguf_serve.engine.requests import NotReady
 from gguf_serve.model_files import resolve_model_files
@@ -57,8 +57,10 @@ def make(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Any]:
     monkeypatch.chdir(tmp_path)  # no stray .env
     made: list[ModelRegistry] = []
 
-    def build(*models: ModelSettings, clock: Clock | None = None) -> ModelRegistry:
-        settings = Settings(models=list(models), models_dir=tmp_path)
+    def build(
+        *models: ModelSettings, clock: Clock | None = None, server: dict[str, Any] | None = None
+    ) -> ModelRegistry:
+        settings = Settings(models=list(models), models_dir=tmp_path, **(server or {}))
         reg = ModelRegistry(settings, resolve_model_files(settings), clock=clock or Clock())
         made.append(reg)
         return reg
@@ -220,3 +222,31 @@ def test_missing_or_corrupt_files_fail_before_the_registry_is_built(tmp_path: Pa
         with pytest.raises(ModelLoadError, match=needle) as e:
             resolve_model_files(Settings(models=[ms], models_dir=tmp_path))
         assert "\n" not in str(e.value)
+
+
+@pytest.mark.skipif(usable_cpus() < 2, reason="needs 2 CPUs to split")
+def test_an_engine_process_decodes_with_its_share_of_the_cpu_budget(make: Any) -> None:
+    from gguf_serve.engine.cpu_budget import CpuShare
+    from gguf_serve.engine.requests import SamplingParams
+
+    reg = make(chat("c"), server={"cpu_threads": 2})
+    reg.load_all()
+    engine = reg.get("c", "chat").engine
+    other = CpuShare(reg.cpu_budget.slot())  # another model, decoding the whole time
+
+    def threads_after_a_completion() -> float:
+        async def complete() -> None:
+            params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+            async for _ in await engine.start_completion("Once upon a time", params):
+                pass
+
+        asyncio.run(complete())
+        deadline = time.monotonic() + 10  # the engine process pushes its stats as a request ends
+        while engine.stats().get("busy_slots", 1) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return engine.stats()["threads"]
+
+    other.claim()
+    assert threads_after_a_completion() == 1
+    other.forget()
+    assert threads_after_a_completion() == 2

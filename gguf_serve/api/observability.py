@@ -89,6 +89,10 @@ _ENGINE_GAUGES = {
     ),
     "prompt_cache_limit_bytes": ("prompt_cache_limit_bytes", "The prompt cache's bound (prompt_cache_mib)"),
     "prompt_cache_entries": ("prompt_cache_entries", "Prompts (token prefixes) in the prompt cache"),
+    "threads": (
+        "engine_threads",
+        "Threads the model's last decode ran with: its share of the CPU budget the models share (cpu_threads)",
+    ),
 }
 # stats_provider key -> (counter name without _total, help): where each model's worker thread spends its time.
 _ENGINE_COUNTERS = {

@@ -229,6 +229,7 @@ class SequenceBatcher:
             "decode_seconds": self.decode_s,
             "pending_sequences": float(self._n_waiting),
             "requests_in_progress": float(self._jobs),
+            "threads": float(self.ctx.threads[1]),  # this engine's share of the CPU budget
         }
 
     def close(self, timeout_s: float = 30.0) -> bool:

@@ -28,6 +28,7 @@ from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
+from gguf_serve.engine.cpu_budget import CpuShare, CpuSlot
 from gguf_serve.engine.engine_wire import EngineSpec, Handshake, error_from
 from gguf_serve.engine.llama_runtime import ModelLoadError
 from gguf_serve.engine.model_info import ModelInfo
@@ -113,9 +114,12 @@ class EngineClient:
     """One model's engine in a supervised engine process. It implements ChatModel,
     EmbeddingModel and RerankModel; the registry hands it out typed by the model's role."""
 
-    def __init__(self, ms: ModelSettings, path: Path, limits: Limits, settings: Settings) -> None:
+    def __init__(
+        self, ms: ModelSettings, path: Path, limits: Limits, settings: Settings, cpu: CpuSlot | None = None
+    ) -> None:
         self.settings = ms
-        self._spec = EngineSpec(ms, path, limits, settings.allow_amx, settings.log_level)
+        self._spec = EngineSpec(ms, path, limits, settings.allow_amx, settings.log_level, cpu)
+        self._cpu = CpuShare(cpu) if cpu is not None else None
         self._lock = threading.Lock()  # guards the process, its connection and the pending map
         self._send_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -149,7 +153,8 @@ class EngineClient:
         ours, theirs = socket.socketpair()
         cmd = [sys.executable, "-m", "gguf_serve.engine.engine_core", str(theirs.fileno())]
         try:
-            proc = subprocess.Popen(cmd, pass_fds=(theirs.fileno(),), stdin=subprocess.DEVNULL)
+            fds = (theirs.fileno(),) + ((self._spec.cpu.fd,) if self._spec.cpu is not None else ())
+            proc = subprocess.Popen(cmd, pass_fds=fds, stdin=subprocess.DEVNULL)
         finally:
             theirs.close()
         conn = Connection(ours.detach())
@@ -244,6 +249,8 @@ class EngineClient:
             proc.wait()
         with contextlib.suppress(OSError):
             conn.close()
+        if self._cpu is not None:  # it may have died in the middle of a decode, its claim held
+            self._cpu.forget()
         reason = f"its engine process {describe_exit(proc.returncode)}"
         with self._lock:
             if self._conn is not conn:

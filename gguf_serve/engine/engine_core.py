@@ -201,12 +201,14 @@ def main(argv: list[str]) -> int:
         format=f"%(asctime)s %(levelname)s %(name)s [{spec.settings.id} pid {os.getpid()}]: %(message)s",
         stream=sys.stderr,
     )
+    from gguf_serve.engine.cpu_budget import CpuShare
     from gguf_serve.engine.llama_backend import init_backend
     from gguf_serve.engine.loader import load_engine
 
     try:
         init_backend(allow_amx=spec.allow_amx)
-        engine, model = load_engine(spec.settings, spec.path, spec.limits)
+        cpu = CpuShare(spec.cpu) if spec.cpu is not None else None
+        engine, model = load_engine(spec.settings, spec.path, spec.limits, cpu)
     except Exception as e:  # ModelLoadError, a reranker that cannot score, a backend that cannot start
         log.debug("load failed", exc_info=True)
         named = str(e) if spec.path.name in str(e) else f"{spec.path}: {type(e).__name__}: {e}"

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gguf_serve.engine.cpu_budget import CpuSlot
 from gguf_serve.engine.model_info import ModelInfo
 from gguf_serve.engine.requests import (
     ContextOverflow,
@@ -58,6 +59,7 @@ class EngineSpec:
     limits: Limits
     allow_amx: bool
     log_level: str
+    cpu: CpuSlot | None = None  # its place in the server's CPU budget (the fd is passed along)
 
 
 @dataclass(frozen=True)

@@ -10,15 +10,19 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import llama_cpp as llama
 import numpy as np
 import numpy.typing as npt
 
 from gguf_serve.engine.llama_backend import init_backend
+
+if TYPE_CHECKING:
+    from gguf_serve.engine.cpu_budget import CpuShare
 
 log = logging.getLogger("gguf_serve.llama")
 
@@ -126,6 +130,9 @@ class LlamaModel:
         self.add_bos = bool(llama.llama_vocab_get_add_bos(self.vocab))
         self.add_eos = bool(llama.llama_vocab_get_add_eos(self.vocab))
         self._piece_cache: dict[int, bytes] = {}
+        # The share of the server's CPU budget that contexts on these weights decode with
+        # (cpu_budget.py); None: each context keeps the thread counts it was made with.
+        self.cpu: CpuShare | None = None
 
     # --- metadata -------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -248,16 +255,33 @@ class LlamaContext:
         self.n_ctx_seq = self.n_ctx if p.kv_unified else self.n_ctx // max(1, p.n_seq_max)
         self.memory = llama.llama_get_memory(ptr)
         self.n_vocab = model.n_vocab
+        self.cpu = model.cpu
+        self.threads = (p.n_threads, p.n_threads_batch)  # what the next decode runs with
 
     def decode(self, batch: Batch) -> None:
-        rc = llama.llama_decode(self.ptr, batch.raw)
+        rc = self._run(llama.llama_decode, batch)
         if rc != 0:
             raise DecodeError(f"llama_decode returned {rc} for a batch of {batch.n_tokens} tokens")
 
     def encode(self, batch: Batch) -> None:
-        rc = llama.llama_encode(self.ptr, batch.raw)
+        rc = self._run(llama.llama_encode, batch)
         if rc != 0:
             raise DecodeError(f"llama_encode returned {rc} for a batch of {batch.n_tokens} tokens")
+
+    def _run(self, call: Callable[[Any, Any], int], batch: Batch) -> int:
+        """One decode or encode, with this context's share of the CPU budget while it runs."""
+        share = self.cpu
+        if share is None:
+            return call(self.ptr, batch.raw)
+        n = share.claim()
+        threads = (min(n, self.params.n_threads), min(n, self.params.n_threads_batch))
+        if threads != self.threads:
+            llama.llama_set_n_threads(self.ptr, *threads)
+            self.threads = threads
+        try:
+            return call(self.ptr, batch.raw)
+        finally:
+            share.release()
 
     def logits(self, i: int) -> npt.NDArray[np.float32]:
         """The logits row of batch index i (a view into llama.cpp's buffer: copy to keep)."""

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from gguf_serve.engine.cpu_budget import CpuShare
 from gguf_serve.engine.interfaces import AnyEngine, EmbeddingModel
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
 from gguf_serve.settings import Limits, ModelSettings
@@ -13,8 +14,11 @@ from gguf_serve.settings import Limits, ModelSettings
 log = logging.getLogger("gguf_serve.registry")
 
 
-def load_engine(ms: ModelSettings, path: Path, limits: Limits) -> tuple[AnyEngine, LlamaModel]:
-    """The engine and the weights it runs on (free the engine first, then the weights)."""
+def load_engine(
+    ms: ModelSettings, path: Path, limits: Limits, cpu: CpuShare | None = None
+) -> tuple[AnyEngine, LlamaModel]:
+    """The engine and the weights it runs on (free the engine first, then the weights); its
+    decodes take their threads from `cpu`, the engine's share of the server's budget."""
     from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
 
     try:
@@ -25,6 +29,7 @@ def load_engine(ms: ModelSettings, path: Path, limits: Limits) -> tuple[AnyEngin
         ) from e
     n_gpu_layers = choose_gpu_layers(footprint, ms)
     model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
+    model.cpu = cpu
     try:
         engine: AnyEngine
         if ms.role == "chat":

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generic, Literal, TypeVar, overload
 
+from gguf_serve.engine.cpu_budget import CpuBudget, CpuShare, CpuSlot
 from gguf_serve.engine.interfaces import AnyEngine, ChatModel, EmbeddingModel, Engine, RerankModel
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
 from gguf_serve.engine.model_defaults import with_model_sampling
@@ -75,6 +76,10 @@ class ModelRegistry:
         self._entries: dict[str, _Entry] = {m.id: _Entry(m, last_used=clock()) for m in _load_order(settings)}
         self._names = {name: m.id for m in settings.models for name in m.names}
         self._dependants: dict[str, list[str]] = {mid: [] for mid in self._entries}
+        # Every engine's decodes share these threads (cpu_budget.py); one slot per model that
+        # owns weights, kept across unloads and restarts.
+        self.cpu_budget = CpuBudget(settings.cpu_threads)
+        self._cpu_slots: dict[str, CpuSlot] = {}
         for m in settings.models:
             for dep in dependencies(m):
                 self._dependants[dep].append(m.id)
@@ -214,15 +219,18 @@ class ModelRegistry:
         path = self._files.get(ms.id)
         if path is None:
             raise ModelLoadError(f"model {ms.id!r}: no GGUF file was resolved for it")
+        if ms.id not in self._cpu_slots:
+            self._cpu_slots[ms.id] = self.cpu_budget.slot()
+        slot = self._cpu_slots[ms.id]
         if self.settings.engine_isolation == "process":
             from gguf_serve.engine.engine_client import EngineClient
 
-            client = EngineClient(ms, path, limits, self.settings)
+            client = EngineClient(ms, path, limits, self.settings, slot)
             client.start()  # raises ModelLoadError with the engine process's reason
             return LoadedModel(with_model_sampling(ms, client.info.meta_value), client, None, path)
         from gguf_serve.engine.loader import load_engine
 
-        engine, model = load_engine(ms, path, limits)
+        engine, model = load_engine(ms, path, limits, CpuShare(slot))
         return LoadedModel(with_model_sampling(ms, model.meta), engine, model, path)
 
     def _embedder_for(self, mid: str) -> EmbeddingModel:
@@ -287,6 +295,7 @@ class ModelRegistry:
     def close(self) -> None:
         for mid in reversed(list(self._entries)):
             self.unload(mid)
+        self.cpu_budget.close()
 
 
 def dependencies(ms: ModelSettings) -> list[str]:

@@ -267,6 +267,8 @@ class ChatScheduler:
             "decodes": float(self.decodes),
             "decode_seconds": self.decode_s,
             "sample_seconds": self.sample_s,
+            "threads": float(self.ctx.threads[0]),  # this engine's share of the CPU budget
+            "threads_batch": float(self.ctx.threads[1]),
             **(self.prompt_cache.stats() if self.prompt_cache is not None else {}),
         }
 
