@@ -131,6 +131,13 @@ class ModelSettings(BaseModel):
         "embedding/rerank: tokens packed into one decode (None: n_batch)",
     )
     parallel: int = Field(4, ge=1, le=256, description="sequence slots (chat) / sequences per decode")
+    express_tokens: int | None = Field(
+        None,
+        ge=0,
+        description="embedding/rerank: a request of at most this many tokens in all (a search "
+        "query, a short rerank) is decoded at once in a second, one-thread context when the model "
+        "is busy with a long decode, instead of waiting for it (0: off; None: 512, at most n_batch)",
+    )
     flash_attn: bool | Literal["auto"] = "auto"
     cache_type_k: KVCacheType = "f16"
     cache_type_v: KVCacheType = "f16"
@@ -246,6 +253,11 @@ class ModelSettings(BaseModel):
         if self.n_ubatch is not None:
             return self.n_ubatch
         return min(512, self.n_batch) if self.role == "chat" else self.n_batch
+
+    @property
+    def express(self) -> int:
+        """express_tokens with its default."""
+        return min(512, self.n_batch) if self.express_tokens is None else self.express_tokens
 
     @property
     def prompt_cache_bytes(self) -> int:

@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import subprocess
+import sys
+import textwrap
 import time
 from pathlib import Path
 from typing import Any
@@ -103,7 +106,7 @@ def test_n_ubatch_bounds_the_tokens_of_each_decode(minilm: Embedder, minilm_gguf
     model = LlamaModel(minilm_gguf)
     ms = ModelSettings(
         id="small", role="embedding", file="x", n_ctx=512, n_batch=512, n_ubatch=32, parallel=16
-    )
+    )  # the express lane would take part of this request while the main lane decodes the rest
     emb = Embedder(model, ms, Limits())
     try:
         lengths = [len(s) for s in emb.sequences(TEXTS)]
@@ -135,11 +138,11 @@ def recording_decodes(emb: Embedder, before_first: Any = None) -> list[list[int]
     order: dict[int, int] = {}
     real = emb.batcher._decode
 
-    def recording(picked: list[Any]) -> None:
+    def recording(lane: Any, picked: list[Any]) -> None:
         if not packs and before_first is not None:
             before_first()
         packs.append([order.setdefault(id(job), len(order)) for job, _ in picked])
-        real(picked)
+        real(lane, picked)
 
     emb.batcher._decode = recording  # type: ignore[method-assign]
     return packs
@@ -153,6 +156,8 @@ def wait_for(cond: Any, timeout: float = 30.0) -> None:
 
 
 def small_packs(minilm_gguf: Path, **kw: Any) -> Embedder:
+    """32-token packs; no express lane unless `express_tokens` is given (the main lane's turns)."""
+    kw.setdefault("express_tokens", 0)
     ms = ModelSettings(
         id="fair", role="embedding", file="x", n_ctx=512, n_batch=512, n_ubatch=32, parallel=16, **kw
     )
@@ -187,6 +192,43 @@ def test_a_short_request_waits_for_at_most_one_decode_of_a_long_one(minilm_gguf:
         assert sum(len(p) for p in packs) == 17
         assert float(query.vectors[0] @ alone[1]) > 0.99999
         for v in ingest.vectors:
+            assert float(v @ alone[0]) > 0.99999
+    finally:
+        emb.close()
+        emb.model.close()
+
+
+def test_a_short_request_is_decoded_beside_a_long_decode(minilm_gguf: Path) -> None:
+    """The express lane: a one-text query that arrives while the main context decodes an
+    ingest's pack is answered before that decode ends, from a second context. The test holds
+    the main decode until the query is answered, so without the lane the query never is (the
+    hold times out and the worker fails). A 32-token request, over express_tokens, still waits
+    for the main lane."""
+    emb = small_packs(minilm_gguf, express_tokens=20)
+    try:
+        alone = run(emb.embed([SIXTEEN, "yes"])).vectors
+        real = emb.batcher._decode
+        held: list[Any] = []
+
+        async def query_during_ingest() -> list[Any]:
+            loop = asyncio.get_running_loop()
+
+            def hold_the_first_main_decode(lane: Any, picked: list[Any]) -> None:
+                if not lane.express and not held:
+                    held.append(asyncio.run_coroutine_threadsafe(emb.embed([SIXTEEN, SIXTEEN]), loop))
+                    query = asyncio.run_coroutine_threadsafe(emb.embed(["yes"]), loop)
+                    held.append(query.result(timeout=10))
+                real(lane, picked)
+
+            emb.batcher._decode = hold_the_first_main_decode  # type: ignore[method-assign]
+            ingest = await emb.embed([SIXTEEN] * 4)
+            return [ingest, await asyncio.wrap_future(held[0])]
+
+        ingest, long = run(query_during_ingest())
+        query = held[1]
+        assert emb.stats()["express_decodes"] == 1
+        assert float(query.vectors[0] @ alone[1]) > 0.99999
+        for v in [*ingest.vectors, *long.vectors]:
             assert float(v @ alone[0]) > 0.99999
     finally:
         emb.close()
@@ -413,3 +455,25 @@ def test_qwen3_control_token_text_in_inputs_and_instructions_stays_text(qwen3: E
         seq = qwen3.sequences([hostile], instruction=instruction)[0]
         assert im_end not in seq
         assert seq[:-1] == qwen3.text_tokens(hostile, instruction)  # the literal text, then EOS
+
+
+def test_a_batch_that_is_not_a_multiple_of_the_sequences_loads(minilm_gguf: Path) -> None:
+    """llama.cpp aborts creating a mean-pooling context whose n_ubatch is not a multiple of
+    n_seq_max (300 tokens, 64 sequences): the engine rounds n_ubatch up. In a subprocess, as
+    the abort ends the process."""
+    code = textwrap.dedent(
+        f"""
+        import asyncio
+        from pathlib import Path
+        from gguf_serve.engine.embedder import Embedder
+        from gguf_serve.engine.llama_runtime import LlamaModel
+        from gguf_serve.settings import Limits, ModelSettings
+        ms = ModelSettings(id="odd", role="embedding", file="x", n_ctx=300, n_batch=300, parallel=64)
+        emb = Embedder(LlamaModel(Path({str(minilm_gguf)!r})), ms, Limits())
+        print(len(asyncio.run(emb.embed(["an odd-sized batch"])).vectors[0]))
+        emb.close()
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split()[-1] == "384"

@@ -12,7 +12,10 @@ masked pairs of other sequences, large ones make bigger matrix products.
 
 Requests take turns: each decode is packed round-robin over the requests with sequences
 waiting, one sequence of each in turn, so a one-text query waits for at most the decode
-in progress, not for the whole queue of a 16-text ingest that came before it. A caller
+in progress, not for the whole queue of a 16-text ingest that came before it. Nor need it wait
+for that decode: while the main context is busy, a request of at most `express_tokens` tokens
+in all (a search query, a short rerank) is decoded at once in a second, small context with one
+thread (the express lane), beside the long decode. A caller
 reserves its place (`reserve`) before tokenizing, so a full server refuses a request without
 tokenizing thousands of inputs first.
 """
@@ -26,7 +29,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -58,13 +61,14 @@ def embedding_context(
 ) -> LlamaContext:
     """A context that decodes whole sequences of up to `seq_limit(model, ms)` tokens, many per call."""
     size = context_size(ms, model.n_ctx_train)
-    n_batch = size.n_batch
+    n_seq_max = max(1, min(ms.parallel, MAX_SEQ_PER_DECODE))
+    n_batch = whole_seqs(size.n_batch, n_seq_max)
     threads = ms.n_threads or usable_cpus()
     params = ContextParams(
-        n_ctx=size.n_ctx,
+        n_ctx=n_batch,
         n_batch=n_batch,
         n_ubatch=n_batch,
-        n_seq_max=max(1, min(ms.parallel, MAX_SEQ_PER_DECODE)),
+        n_seq_max=n_seq_max,
         n_threads=threads,
         n_threads_batch=ms.n_threads_batch or threads,
         embeddings=embeddings,
@@ -77,9 +81,27 @@ def embedding_context(
     return LlamaContext(model, params)
 
 
+def whole_seqs(n_ubatch: int, n_seq_max: int) -> int:
+    """n_ubatch rounded up to a multiple of n_seq_max: llama.cpp's graph reserve for a pooled
+    context rounds its tokens so, and then aborts on the mean-pooling matrix product
+    (GGML_ASSERT(ggml_can_mul_mat(a, b)) at context creation, e.g. n_ubatch 300 and 64 sequences)."""
+    return -(-n_ubatch // n_seq_max) * n_seq_max
+
+
 def seq_limit(model: LlamaModel, ms: ModelSettings) -> int:
     """The longest sequence (in tokens, specials included) one input may have."""
     return context_size(ms, model.n_ctx_train).n_ctx_seq
+
+
+def express_context(ctx: LlamaContext, tokens: int) -> LlamaContext:
+    """A second context on the same weights for short requests: room for `tokens` tokens per
+    decode, one thread, outside the CPU budget (its decodes are small and run beside the main
+    context's, whose claim already covers the model)."""
+    tokens = whole_seqs(tokens, ctx.params.n_seq_max)
+    p = replace(ctx.params, n_ctx=tokens, n_batch=tokens, n_ubatch=tokens, n_threads=1, n_threads_batch=1)
+    express = LlamaContext(ctx.model, p)
+    express.cpu = None
+    return express
 
 
 @dataclass(eq=False)
@@ -90,11 +112,25 @@ class _Job:
     remaining: int = 0
     waiting: deque[int] = field(default_factory=deque)  # indices of the sequences not yet decoded
     finished: bool = False  # delivered, failed or abandoned by its caller
+    tokens: int = 0  # of every sequence
+    in_main: bool = False  # the main lane has taken a sequence of it: it finishes it there
 
     def __post_init__(self) -> None:
         self.results = [None] * len(self.seqs)
         self.remaining = len(self.seqs)
         self.waiting = deque(range(len(self.seqs)))
+        self.tokens = sum(len(s) for s in self.seqs)
+
+
+@dataclass(eq=False)
+class _Lane:
+    """A context and its batch, with the thread that decodes in it."""
+
+    ctx: LlamaContext
+    batch: Batch
+    pack_tokens: int
+    express: bool
+    decodes: int = 0
 
 
 class Reservation:
@@ -118,42 +154,63 @@ class Reservation:
 
 
 class SequenceBatcher:
-    """One thread, one context: whole sequences from any number of requests, packed into decodes.
+    """One thread, one context: whole sequences from any number of requests, packed into decodes
+    (and, with `express_tokens`, a second thread and context for short requests).
 
     Each decode takes up to `pack_tokens` tokens and n_seq_max sequences, round-robin over
     the requests with sequences waiting (one sequence of each in turn, with a short look-ahead
     within each request so a long sequence does not leave the pack half empty). A request
     that got a sequence into a decode goes to the back of the line; one whose sequences did not
-    fit stays at the front for the next decode.
+    fit stays at the front for the next decode. The express lane only works while the main
+    context is decoding, and only takes requests of at most `express_tokens` tokens in all.
     """
 
     def __init__(
-        self, ctx: LlamaContext, readout: Readout, name: str, max_queue: int, pack_tokens: int
+        self,
+        ctx: LlamaContext,
+        readout: Readout,
+        name: str,
+        max_queue: int,
+        pack_tokens: int,
+        express_tokens: int = 0,
     ) -> None:
         self.ctx = ctx
         self.readout = readout
         self.name = name
         self.n_batch = ctx.params.n_batch
-        # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
-        self.pack_tokens = min(pack_tokens, self.n_batch)
         self.n_seq_max = ctx.params.n_seq_max
         self.max_pending = max(1, max_queue + self.n_seq_max)  # requests, queued or running
-        self._batch = Batch(self.n_batch, 1)
+        # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
+        self._main = _Lane(ctx, Batch(self.n_batch, 1), min(pack_tokens, self.n_batch), express=False)
+        self._lanes = [self._main]
+        self.express_tokens = min(express_tokens, self.n_batch)
+        if self.express_tokens > 0:
+            ectx = express_context(ctx, self.express_tokens)
+            self._lanes.append(_Lane(ectx, Batch(self.express_tokens, 1), self.express_tokens, express=True))
         self._all_outputs = ctx.params.embeddings  # llama.cpp outputs every token when pooling anyway
         self._queue: deque[_Job] = deque()  # requests with sequences waiting, in turn order
         self._n_waiting = 0  # sequences waiting, over every request in the queue
         self._jobs = 0  # requests reserved, queued or running
         self._cv = threading.Condition()
+        self._main_busy = False  # the main lane is inside a decode: the express lane may work
         self._stopping = False
         self._freed = False
-        self._dead: str | None = None  # why the worker thread ended, if it did on its own
+        self._dead: str | None = None  # why a worker thread ended, if one did on its own
         self.n_requests = 0
         self.n_sequences = 0
         self.n_tokens = 0
-        self.n_decodes = 0
         self.decode_s = 0.0
-        self._thread = threading.Thread(target=self._run, name=f"embedder-{name}", daemon=True)
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._run,
+                args=(lane,),
+                name=f"embedder-{name}{'-express' if lane.express else ''}",
+                daemon=True,
+            )
+            for lane in self._lanes
+        ]
+        for t in self._threads:
+            t.start()
 
     # --- event loop side --------------------------------------------------------------------
     def reserve(self) -> Reservation:
@@ -214,7 +271,7 @@ class SequenceBatcher:
             self.n_requests += 1
             self._queue.append(job)
             self._n_waiting += len(seqs)
-            self._cv.notify()
+            self._cv.notify_all()  # the main lane, or the express lane if the main one is busy
         try:
             return await fut
         finally:
@@ -225,7 +282,8 @@ class SequenceBatcher:
             "requests": float(self.n_requests),
             "sequences": float(self.n_sequences),
             "tokens": float(self.n_tokens),
-            "decodes": float(self.n_decodes),
+            "decodes": float(sum(lane.decodes for lane in self._lanes)),
+            "express_decodes": float(sum(lane.decodes for lane in self._lanes if lane.express)),
             "decode_seconds": self.decode_s,
             "pending_sequences": float(self._n_waiting),
             "requests_in_progress": float(self._jobs),
@@ -233,42 +291,56 @@ class SequenceBatcher:
         }
 
     def close(self, timeout_s: float = 30.0) -> bool:
-        """Stop the thread (queued requests fail NotReady) and free the batch; False, freeing
-        nothing, while the thread is still inside a decode after `timeout_s`."""
+        """Stop the threads (queued requests fail NotReady) and free the batches and the express
+        context; False, freeing nothing, while a thread is still inside a decode after `timeout_s`."""
         with self._cv:
             self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout=timeout_s)
-        if self._thread.is_alive():
+            self._cv.notify_all()
+        deadline = time.monotonic() + timeout_s
+        for t in self._threads:
+            t.join(timeout=max(0.0, deadline - time.monotonic()))
+        if any(t.is_alive() for t in self._threads):
             log.warning("%s: still decoding; its memory is left to the process exit", self.name)
             return False
         if not self._freed:
             self._freed = True
-            self._batch.free()
+            for lane in self._lanes:
+                lane.batch.free()
+                if lane.express:
+                    lane.ctx.close()
         return True
 
     def health(self) -> EngineHealth:
         return HEALTHY if self._dead is None else EngineHealth("failed", self._dead)
 
-    # --- the worker thread ------------------------------------------------------------------
-    def _run(self) -> None:
+    # --- the worker threads -----------------------------------------------------------------
+    def _run(self, lane: _Lane) -> None:
         picked: list[tuple[_Job, int]] = []  # the decode in progress: out of the queue already
         try:
             while True:
                 with self._cv:
-                    while not self._stopping and not self._queue:
+                    while not self._stopping and not self._has_work(lane):
                         self._cv.wait()
                     if self._stopping:
                         break
-                    picked = self._pick()
+                    picked = self._pick(lane)
+                    if not lane.express:
+                        self._main_busy = bool(picked)
+                        self._cv.notify_all()  # short requests already queued: the express lane's turn
                 if picked:
-                    self._decode(picked)
+                    try:
+                        self._decode(lane, picked)
+                    finally:
+                        if not lane.express:
+                            with self._cv:
+                                self._main_busy = False
                     picked = []
         except BaseException as e:  # never leave requests waiting on a thread that is gone
-            log.exception("%s: the embedding worker thread died", self.name)
+            log.exception("%s: an embedding worker thread died", self.name)
             with self._cv:  # first, so that whoever its failure wakes sees the engine failed
                 self._dead = f"the worker thread died: {type(e).__name__}: {e}"
                 self._stopping = True
+                self._cv.notify_all()  # the other lane stops too
             err = EngineError(f"model {self.name} could not process this input (worker failed)")
             for job, _ in picked:
                 self._fail(job, err)
@@ -284,14 +356,32 @@ class SequenceBatcher:
         for job in left:
             self._fail(job, err)
 
-    def _pick(self) -> list[tuple[_Job, int]]:
-        """Called with the lock held: the sequences of the next decode, requests taking turns."""
+    def _fits_express(self, job: _Job) -> bool:
+        """A short request the main lane has not started (one it has goes on there, so that a
+        small request on an idle model is not split over two lanes on the same cores)."""
+        return (
+            job.tokens <= self.express_tokens and not job.in_main and not job.finished and bool(job.waiting)
+        )
+
+    def _has_work(self, lane: _Lane) -> bool:
+        """Called with the lock held: whether `lane` has something to decode now."""
+        if not lane.express:
+            return bool(self._queue)
+        return self._main_busy and any(self._fits_express(j) for j in self._queue)
+
+    def _pick(self, lane: _Lane) -> list[tuple[_Job, int]]:
+        """Called with the lock held: the sequences of `lane`'s next decode, requests taking
+        turns (the express lane's: of short requests only, the others keep their places)."""
         picked: list[tuple[_Job, int]] = []
-        room = self.pack_tokens
+        room = lane.pack_tokens
         passed: list[_Job] = []  # nothing of theirs fitted this pack: first in line next time
+        skipped: list[_Job] = []  # not the express lane's: where they were, in order
         while self._queue and len(picked) < self.n_seq_max and room > 0:
             job = self._queue.popleft()
             if job.finished or not job.waiting:
+                continue
+            if lane.express and not self._fits_express(job):
+                skipped.append(job)
                 continue
             k = self._fitting(job, room, alone=not picked)
             if k is None:
@@ -300,11 +390,12 @@ class SequenceBatcher:
             i = job.waiting[k]
             del job.waiting[k]
             self._n_waiting -= 1
+            job.in_main = job.in_main or not lane.express
             picked.append((job, i))
             room -= len(job.seqs[i])
             if job.waiting:
                 self._queue.append(job)
-        self._queue.extendleft(reversed(passed))
+        self._queue.extendleft(reversed(passed + skipped))
         return picked
 
     def _fitting(self, job: _Job, room: int, alone: bool) -> int | None:
@@ -317,8 +408,8 @@ class SequenceBatcher:
                 return k
         return None
 
-    def _decode(self, picked: list[tuple[_Job, int]]) -> None:
-        batch = self._batch
+    def _decode(self, lane: _Lane, picked: list[tuple[_Job, int]]) -> None:
+        ctx, batch = lane.ctx, lane.batch
         batch.clear()
         last: list[int] = []
         for seq_id, (job, i) in enumerate(picked):
@@ -328,8 +419,8 @@ class SequenceBatcher:
             last.append(batch.n_tokens - 1)
         t0 = time.perf_counter()
         try:
-            self.ctx.decode(batch)
-            outs = [self.readout(self.ctx, seq_id, last[seq_id]) for seq_id in range(len(picked))]
+            ctx.decode(batch)
+            outs = [self.readout(ctx, seq_id, last[seq_id]) for seq_id in range(len(picked))]
         except Exception as e:
             log.error("%s: decode of %d sequences failed: %s", self.name, len(picked), e)
             err = EngineError(f"model {self.name} could not process this input ({type(e).__name__})")
@@ -338,17 +429,22 @@ class SequenceBatcher:
             return
         finally:
             for seq_id in range(len(picked)):
-                self.ctx.seq_rm(seq_id)
-        self.decode_s += time.perf_counter() - t0
-        self.n_decodes += 1
-        self.n_sequences += len(picked)
-        self.n_tokens += batch.n_tokens
-        for (job, i), out in zip(picked, outs, strict=True):
-            if job.finished:
-                continue
-            job.results[i] = out
-            job.remaining -= 1
-            if job.remaining == 0 and self._end(job):
+                ctx.seq_rm(seq_id)
+        done: list[_Job] = []
+        with self._cv:  # the other lane may be finishing sequences of the same requests
+            self.decode_s += time.perf_counter() - t0
+            lane.decodes += 1
+            self.n_sequences += len(picked)
+            self.n_tokens += batch.n_tokens
+            for (job, i), out in zip(picked, outs, strict=True):
+                if job.finished:
+                    continue
+                job.results[i] = out
+                job.remaining -= 1
+                if job.remaining == 0:
+                    done.append(job)
+        for job in done:
+            if self._end(job):
                 job.deliver([r for r in job.results if r is not None])
 
     def _fail(self, job: _Job, err: BaseException) -> None:

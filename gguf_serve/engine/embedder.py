@@ -56,7 +56,9 @@ class Embedder(BatchedEngine, Vocabulary):
         # Qwen3-Embedding pools the last token, which must be the EOS its training appended.
         self._append_eos = model.add_eos or pooling == "last"
         self.ctx = embedding_context(model, ms, pooling)
-        self.batcher = SequenceBatcher(self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch)
+        self.batcher = SequenceBatcher(
+            self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=ms.express
+        )
         self._info = model_info(model, self._limit, self.ctx.params.n_seq_max, None)
 
     @property

@@ -143,7 +143,9 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
         self.settings = ms
         self.limit = seq_limit(model, ms)
         self.ctx = ctx
-        self.batcher = SequenceBatcher(ctx, self._readout, ms.id, limits.max_queue, ms.ubatch)
+        self.batcher = SequenceBatcher(
+            ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=ms.express
+        )
         self._info = model_info(model, self.limit, ctx.params.n_seq_max, None)
 
     @property
