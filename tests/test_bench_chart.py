@@ -111,3 +111,11 @@ def test_a_hand_edited_entry_must_still_add_up(tmp_path: Path) -> None:
 def test_nothing_to_draw_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         chart.draw([], tmp_path / "x.png")
+
+
+def test_the_committed_figures_are_valid_and_drawn_next_to_the_tables() -> None:
+    entries = chart.load(results.RESULTS)
+    assert {e["bench"] for e in entries} >= {"chat", "embed", "rag", "real", "mixed", "isolation"}
+    png_size(ROOT / "docs" / "benchmarks.png")
+    assert (ROOT / "docs" / "benchmarks.png").stat().st_size < 150_000
+    assert "](benchmarks.png)" in (ROOT / "docs" / "benchmarks.md").read_text(encoding="utf-8")
