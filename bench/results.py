@@ -146,8 +146,9 @@ def record(
     for r in ratios:
         entry: dict[str, Any] = {
             "metric": r.metric,
-            "ours": r.ours,
-            "peer": r.peer,
+            # 4 significant digits: more than any of these measurements can tell apart
+            "ours": float(f"{r.ours:.4g}"),
+            "peer": float(f"{r.peer:.4g}"),
             "peer_name": r.peer_name,
             "unit": r.unit,
             "better": r.better,
