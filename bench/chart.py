@@ -85,7 +85,7 @@ def draw(entries: list[dict[str, Any]], out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     # a few colours and grey text: as a 64-colour palette PNG it is a third the size (docs/ is in git)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png")
+    fig.savefig(buf, format="png", bbox_inches="tight")  # long titles and labels are not cut off
     Image.open(buf).convert("RGB").quantize(colors=64).save(out, format="png", optimize=True)
     return out
 
