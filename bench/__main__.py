@@ -5,6 +5,9 @@ and embedding benchmarks measure it in the same run as the reference.
 
 `make bench REAL=1` (`python -m bench --real`) runs the real-scale benchmarks instead, on the
 cpu profile's Qwen3-shaped files (bench/bench_real.py, docs/real-scale-rehearsal.md).
+
+Either way the headline ratios land in bench/results/*.json and, last, in docs/benchmarks.png
+(bench/chart.py; `python -m bench.chart` redraws it alone).
 """
 
 from __future__ import annotations
@@ -34,3 +37,7 @@ for name, args in suite:
     print(f"\n=== {name} {' '.join(args)}", flush=True)
     sys.argv = [name, *args]
     importlib.import_module(name).main()
+
+# Last: every ratio the benchmarks recorded (bench/results/*.json), drawn as docs/benchmarks.png.
+print("\n=== bench.chart", flush=True)
+importlib.import_module("bench.chart").main([])

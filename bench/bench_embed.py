@@ -33,6 +33,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+from bench.results import Ratio, record
 from bench.servers import BenchServer, llama_server
 from tests.e2e.server import REPO, free_port
 
@@ -268,20 +269,34 @@ def engine_ab(args: argparse.Namespace) -> None:
         "| file | build | texts/s | tokens/s | peak RSS MiB | vs first build |",
         "|---|---|---:|---:|---:|---:|",
     ]
+    ratios: list[Ratio] = []
     for gguf in args.engine:
         base = None
+        meds = []
         for py in pythons:
             rs = runs[(str(gguf), py)]
             med = {
                 k: statistics.median(float(r[k]) for r in rs)
                 for k in ("texts_per_s", "tokens_per_s", "max_rss_mib")
             }  # type: ignore[arg-type]
+            meds.append((str(rs[0]["build"]), med))
             base = base or med["texts_per_s"]
             lines.append(
                 f"| {Path(gguf).name} | {rs[0]['build']} | {med['texts_per_s']:.3g} | {med['tokens_per_s']:.0f} | "
                 f"{med['max_rss_mib']:.0f} | {med['texts_per_s'] / base:.2f}x |"
             )
+        if len(meds) == 2:  # this build against --against's (e.g. patched against unpatched llama.cpp)
+            (ours, a), (theirs, b) = meds
+            what, peer = f"{Path(gguf).name} (build {ours})", f"llama.cpp build {theirs}"
+            ratios.append(
+                Ratio(f"texts/s, {what}", a["texts_per_s"], b["texts_per_s"], peer, "texts/s", "higher")
+            )
+            ratios.append(
+                Ratio(f"peak RSS, {what}", a["max_rss_mib"], b["max_rss_mib"], peer, "MiB", "lower")
+            )
     print("\n".join(lines))
+    if ratios:
+        record("embed-engine", ratios, load_avg=float(load0))
 
 
 def main() -> None:
@@ -407,6 +422,17 @@ def main() -> None:
     args.out.write_text("\n".join(lines), encoding="utf-8")
     print("\n".join(lines))
     print(f"wrote {args.out}")
+    # issue 4: faster than sentence-transformers and llama-server (issue 19: MiniLM >= 1.0 x torch)
+    ratios = [
+        Ratio("MiniLM embeddings texts/s, 1 client", med[ref], med["st"], "sentence-transformers", "texts/s", "higher", 1.0),
+        Ratio("MiniLM rerank of 64 documents", med["ours_rerank"] * 1000, med["st_rerank"] * 1000, "sentence-transformers", "ms", "lower"),
+    ]  # fmt: skip
+    if args.llama_server:
+        for clients in (1, 4):
+            metric = f"MiniLM embeddings texts/s, {clients} client{'s' * (clients > 1)}"
+            pair = med[f"gguf-serve/{clients}"], med[f"llama-server/{clients}"]
+            ratios.append(Ratio(metric, *pair, "llama-server", "texts/s", "higher", 1.0))
+    record("embed", ratios, load_avg=float(load0))
 
 
 if __name__ == "__main__":

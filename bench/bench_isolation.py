@@ -27,6 +27,7 @@ from pathlib import Path
 from bench.bench_chat import http_streams, pct
 from bench.bench_embed import http_embed_rate, make_texts
 from bench.bench_rag import QUESTIONS, SYSTEM, Client, eog_bias, passage
+from bench.results import Ratio, record
 from bench.servers import BenchServer
 from gguf_serve.engine.llama_runtime import usable_cpus
 from tests.e2e.server import REPO, demo_chat_gguf, free_port
@@ -41,6 +42,25 @@ class Figures:
     ttft: dict[int, list[float]] = field(default_factory=lambda: {k: [] for k in STREAMS})
     embed: list[float] = field(default_factory=list)
     rag_followup: list[float] = field(default_factory=list)
+
+
+def headline(ours: Figures, peer: Figures) -> list[Ratio]:
+    """The process mode against one other server. Issue 18: the boundary costs nothing
+    measurable against the tree before (goal 1.0); the thread mode is only for reference."""
+    name = "engines in threads (this tree)" if peer.name == "thread" else f"the tree {peer.name}"
+    goal = 1.0 if peer.name.startswith("before") else None
+    out = []
+    for k in STREAMS:
+        streams = f"{k} stream{'s' * (k > 1)}"
+        tok_s = statistics.median(ours.tok_s[k]), statistics.median(peer.tok_s[k])
+        ttft = pct(ours.ttft[k], 0.5) * 1000, pct(peer.ttft[k], 0.5) * 1000
+        out.append(Ratio(f"chat tok/s, {streams}", *tok_s, name, "tok/s", "higher", goal))
+        out.append(Ratio(f"TTFT p50, {streams}", *ttft, name, "ms", "lower", goal))
+    embed = statistics.median(ours.embed), statistics.median(peer.embed)
+    rag = pct(ours.rag_followup, 0.5) * 1000, pct(peer.rag_followup, 0.5) * 1000
+    out.append(Ratio("embeddings texts/s", *embed, name, "texts/s", "higher", goal))
+    out.append(Ratio("RAG follow-up TTFT p50", *rag, name, "ms", "lower", goal))
+    return out
 
 
 def server(name: str, cwd: Path, env: dict[str, str]) -> BenchServer:
@@ -130,6 +150,7 @@ def main() -> None:
         cells += [f"{pct(f.ttft[k], 0.5) * 1000:.0f}" for k in STREAMS]
         cells += [f"{statistics.median(f.embed):.1f}", f"{pct(f.rag_followup, 0.5) * 1000:.0f}"]
         print(f"| {f.name} | " + " | ".join(cells) + " |")
+    ratios: list[Ratio] = []
     for f in figures[1:]:
         ratio = [statistics.median(base.tok_s[k]) / statistics.median(f.tok_s[k]) for k in STREAMS]
         ttft = [pct(base.ttft[k], 0.5) / pct(f.ttft[k], 0.5) for k in STREAMS]
@@ -138,6 +159,8 @@ def main() -> None:
             f"TTFT {', '.join(f'{x:.2f}' for x in ttft)}; embeddings {statistics.median(base.embed) / statistics.median(f.embed):.2f}; "
             f"RAG follow-up TTFT {pct(base.rag_followup, 0.5) / pct(f.rag_followup, 0.5):.2f}"
         )
+        ratios += headline(base, f)
+    record("isolation", ratios, load_avg=load_before)
 
 
 if __name__ == "__main__":

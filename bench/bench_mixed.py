@@ -32,6 +32,7 @@ from pathlib import Path
 import httpx
 
 from bench.bench_embed import make_texts
+from bench.results import Ratio, record
 from bench.servers import BenchServer, tree_rss_mib
 from tests.e2e.server import free_port
 
@@ -252,6 +253,18 @@ def main() -> None:
     print("\n".join(lines))
     if args.out:
         args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    if args.code is None:  # another checkout's figures are not this tree's
+        idle = "idle (the same server)"
+        # issue 19's goals, as "times better": p95 <= 2 x idle, chat and ingest >= 0.5 x idle
+        record(
+            "mixed",
+            [
+                Ratio("query embedding p95 under mixed load", pct(lq, 0.95) * 1000, pct(iq, 0.95) * 1000, idle, "ms", "lower", 0.5),
+                Ratio("chat tok/s under mixed load", f["load_chat"], f["idle_chat"], idle, "tok/s", "higher", 0.5),
+                Ratio("ingest texts/s under mixed load", f["load_ingest"], f["idle_ingest"], idle, "texts/s", "higher", 0.5),
+            ],
+            load_avg=float(load0),
+        )  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 
+from bench.results import Ratio, record
 from bench.servers import BenchServer, llama_server, rss_mib
 from gguf_serve.engine.llama_runtime import LlamaModel, usable_cpus
 from tests.e2e.server import ServerProcess, demo_chat_gguf
@@ -256,14 +257,23 @@ def report(name: str, scenarios: list[Scenario]) -> None:
         )
 
 
-def compare(ours: tuple[str, list[Scenario]], ref: tuple[str, list[Scenario]]) -> None:
+def follow_up_p50_ms(sc: Scenario) -> float:
+    return pct([s.ttft * 1000 for s in sc.follow], 0.5)
+
+
+def compare(ours: tuple[str, list[Scenario]], ref: tuple[str, list[Scenario]]) -> list[Ratio]:
     print(f"\n{ours[0]} / {ref[0]}, TTFT p50 (below 1: {ours[0]} is faster)")
     print("| scenario | first questions | follow-ups |")
     print("|---|---|---|")
+    ratios = []
     for a, b in zip(ours[1], ref[1], strict=True):
         first = pct([s.ttft for s in a.first], 0.5) / pct([s.ttft for s in b.first], 0.5)
         follow = pct([s.ttft for s in a.follow], 0.5) / pct([s.ttft for s in b.follow], 0.5)
         print(f"| {a.name} | {first:.2f} | {follow:.2f} |")
+        # issue 11: follow-ups no slower than llama-server's
+        metric = f"RAG follow-up TTFT p50, {a.name}"
+        ratios.append(Ratio(metric, follow_up_p50_ms(a), follow_up_p50_ms(b), ref[0], "ms", "lower", 1.0))
+    return ratios
 
 
 def main() -> None:
@@ -303,8 +313,22 @@ def main() -> None:
     )
     for name, scenarios in results:
         report(name, scenarios)
+    # issue 11: a follow-up's TTFT <= 0.1 x its first question's (cold prompt)
+    ratios = [
+        Ratio(
+            f"RAG follow-up TTFT p50, {sc.name}",
+            follow_up_p50_ms(sc),
+            pct([s.ttft * 1000 for s in sc.first], 0.5),
+            "first question (cold prompt)",
+            "ms",
+            "lower",
+            10.0,
+        )
+        for sc in results[0][1]
+    ]
     if len(results) == 2:
-        compare(results[0], results[1])
+        ratios += compare(results[0], results[1])
+    record("rag", ratios, load_avg=load_before)
 
 
 if __name__ == "__main__":
