@@ -55,7 +55,10 @@ def minilm(minilm_gguf: Path) -> Any:
     model = LlamaModel(minilm_gguf)
     emb = Embedder(
         model,
-        ModelSettings(id="minilm", role="embedding", file="x", n_ctx=512, n_batch=2048, parallel=16),
+        # No express lane: these tests count how requests share the main lane's decodes.
+        ModelSettings(
+            id="minilm", role="embedding", file="x", n_ctx=512, n_batch=2048, parallel=16, express_tokens=0
+        ),
         Limits(),
     )
     yield emb

@@ -12,11 +12,11 @@ masked pairs of other sequences, large ones make bigger matrix products.
 
 Requests take turns: each decode is packed round-robin over the requests with sequences
 waiting, one sequence of each in turn, so a one-text query waits for at most the decode
-in progress, not for the whole queue of a 16-text ingest that came before it. Nor need it wait
-for that decode: while the main context is busy, a request of at most `express_tokens` tokens
-in all (a search query, a short rerank) is decoded at once in a second, small context with one
-thread (the express lane), beside the long decode. A caller
-reserves its place (`reserve`) before tokenizing, so a full server refuses a request without
+in progress, not for the whole queue of a 16-text ingest that came before it. Nor need it
+wait for that decode: while the main context decodes a longer request, one of at most
+`express_tokens` tokens in all (a search query, a short rerank) is decoded at once in a second,
+small context with one thread (the express lane), beside the long decode. A caller reserves
+its place (`reserve`) before tokenizing, so a full server refuses a request without
 tokenizing thousands of inputs first.
 """
 
@@ -162,7 +162,8 @@ class SequenceBatcher:
     within each request so a long sequence does not leave the pack half empty). A request
     that got a sequence into a decode goes to the back of the line; one whose sequences did not
     fit stays at the front for the next decode. The express lane only works while the main
-    context is decoding, and only takes requests of at most `express_tokens` tokens in all.
+    context is decoding a long request, and only takes requests of at most `express_tokens`
+    tokens in all.
     """
 
     def __init__(
@@ -192,7 +193,10 @@ class SequenceBatcher:
         self._n_waiting = 0  # sequences waiting, over every request in the queue
         self._jobs = 0  # requests reserved, queued or running
         self._cv = threading.Condition()
-        self._main_busy = False  # the main lane is inside a decode: the express lane may work
+        # The main lane is inside a decode with a sequence of a long request in it: the express
+        # lane may work. Not while it decodes short requests only: those end soon, and a second
+        # lane beside them would only put more threads than CPUs on the cores.
+        self._main_long = False
         self._stopping = False
         self._freed = False
         self._dead: str | None = None  # why a worker thread ended, if one did on its own
@@ -325,7 +329,7 @@ class SequenceBatcher:
                         break
                     picked = self._pick(lane)
                     if not lane.express:
-                        self._main_busy = bool(picked)
+                        self._main_long = any(job.tokens > self.express_tokens for job, _ in picked)
                         self._cv.notify_all()  # short requests already queued: the express lane's turn
                 if picked:
                     try:
@@ -333,7 +337,7 @@ class SequenceBatcher:
                     finally:
                         if not lane.express:
                             with self._cv:
-                                self._main_busy = False
+                                self._main_long = False
                     picked = []
         except BaseException as e:  # never leave requests waiting on a thread that is gone
             log.exception("%s: an embedding worker thread died", self.name)
@@ -367,7 +371,7 @@ class SequenceBatcher:
         """Called with the lock held: whether `lane` has something to decode now."""
         if not lane.express:
             return bool(self._queue)
-        return self._main_busy and any(self._fits_express(j) for j in self._queue)
+        return self._main_long and any(self._fits_express(j) for j in self._queue)
 
     def _pick(self, lane: _Lane) -> list[tuple[_Job, int]]:
         """Called with the lock held: the sequences of `lane`'s next decode, requests taking
