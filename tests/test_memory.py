@@ -104,3 +104,28 @@ def test_files_with_repacked_weights_are_read_not_mapped() -> None:
 
 def test_breakdown_of_nothing_is_zero() -> None:
     assert MemoryBreakdown().total() == 0
+
+
+def test_use_mmap_false_reads_the_file_and_keeps_no_mapped_copy(tmp_path: Path) -> None:
+    """Q4_0 weights are repacked on an AVX2 CPU: mapped, the file's pages (originals of the
+    repacked tensors included) stay resident beside the repacked copy; read, only one copy."""
+    from gguf_serve.convert.quantize import quantize_gguf
+
+    if not init_backend().repack:
+        pytest.skip("this CPU backend repacks no weights")
+    q4_0 = quantize_gguf(demo_chat_gguf(), tmp_path / "smol-Q4_0.gguf", "Q4_0", allow_requantize=True)
+    fp = read_footprint(q4_0)
+    sizes = {}
+    for use_mmap in (True, False):
+        with buffer_sizes() as b:
+            LlamaModel(q4_0, use_mmap=use_mmap).close()
+        sizes[use_mmap] = b
+    assert ("model", "CPU_REPACK") in sizes[False].buffers and ("model", "CPU_Mapped") not in sizes[
+        False
+    ].buffers
+    assert sizes[False].total("model") == pytest.approx(fp.weight_bytes, rel=0.01)
+    assert sizes[True].buffers[("model", "CPU_Mapped")] > 0.9 * fp.weight_bytes
+    assert (
+        sizes[True].total("model")
+        > sizes[False].total("model") + sizes[True].buffers[("model", "CPU_REPACK")] * 0.9
+    )
