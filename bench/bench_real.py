@@ -398,13 +398,13 @@ async def embed_rate(url: str, texts: list[str]) -> float:
 
 
 def embed(args: argparse.Namespace) -> list[str]:
-    q8, f16 = gguf(EMBED), gguf(EMBED, "F16")
-    n_words = words_for_tokens(q8, 300, lambda n: bench_embed.make_texts(1, n, seed=9)[0])
+    files = {quant: gguf(EMBED, quant) for quant in args.embed_quants.split(",")}
+    n_words = words_for_tokens(gguf(EMBED), 300, lambda n: bench_embed.make_texts(1, n, seed=9)[0])
     texts = bench_embed.make_texts(args.embed_texts, n_words, seed=1)
     st = STEmbedder(modelscope_dir(args.cache, REPOS[EMBED]))
     st.rate(texts[:4])  # warm up
     sides: dict[str, list[float]] = {"st": []}
-    for quant, path in (("Q8_0", q8), ("F16", f16)):
+    for quant, path in files.items():
         server = ours([EMBED], {EMBED: path})
         try:
             server.wait_ready(1800)
@@ -433,8 +433,7 @@ def embed(args: argparse.Namespace) -> list[str]:
         "",
         "| | texts/s | vs sentence-transformers |",
         "|---|---:|---:|",
-        f"| gguf-serve, Q8_0 | {med['Q8_0']:.2f} | {med['Q8_0'] / med['st']:.2f}x |",
-        f"| gguf-serve, F16 | {med['F16']:.2f} | {med['F16'] / med['st']:.2f}x |",
+        *[f"| gguf-serve, {q} | {med[q]:.2f} | {med[q] / med['st']:.2f}x |" for q in files],
         f"| sentence-transformers, float32 | {med['st']:.2f} | 1.00x |",
         "",
     ]
@@ -544,6 +543,9 @@ def main() -> None:
         "--rag-conversations", type=int, default=1, help="each: a cold and a cached ~3,000-token prompt"
     )
     ap.add_argument("--embed-texts", type=int, default=32)
+    ap.add_argument(
+        "--embed-quants", default="Q8_0,F16", help="embed: the files' types (beside the profile's)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real-scale.md")
     args = ap.parse_args()
     unknown = set(args.only.split(",")) - set(SECTIONS)
