@@ -425,7 +425,7 @@ def embed(args: argparse.Namespace) -> list[str]:
         "real",
         [
             Ratio(f"Qwen3-Embedding-0.6B texts/s, {q}", med[q], med["st"], "sentence-transformers", "texts/s", "higher", 1.2)
-            for q in ("Q8_0", "F16")
+            for q in files
         ],
     )  # fmt: skip
     return [
