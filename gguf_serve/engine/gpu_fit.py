@@ -112,7 +112,12 @@ def kv_cache_bytes(fp: ModelFootprint, ms: ModelSettings) -> int:
     """The KV cache the engine allocates for `ms` (all layers, every slot)."""
     if fp.architecture in NO_KV_ARCHITECTURES:
         return 0
-    n_ctx_total = context_size(ms, fp.n_ctx_train).n_ctx
+    size = context_size(ms, fp.n_ctx_train)
+    n_ctx_total = size.n_ctx
+    if ms.role != "chat" and ms.express > 0:  # the express lane's second context (batcher.py)
+        from gguf_serve.engine.batcher import MAX_SEQ_PER_DECODE, whole_seqs
+
+        n_ctx_total += whole_seqs(min(ms.express, size.n_batch), max(1, min(ms.parallel, MAX_SEQ_PER_DECODE)))
     return kv_bytes_per_layer(fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v) * len(fp.layer_bytes)
 
 
