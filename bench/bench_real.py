@@ -11,8 +11,9 @@ is the ratio, not the times (the machine is shared and noisy):
 - convert: each step of `make convert` per model (write the F16 GGUF, quantize, verify) in
   a child process: wall time and peak memory, anonymous (the process's own) apart from
   file-backed (mmap'd weights, which the kernel can drop).
-- serve: the whole profile in one process: RSS with all three loaded, and after one chat
-  stream, one 16-text embedding and one 64-document rerank.
+- serve: the whole profile (`--profile`): RSS of the API process and its engine processes
+  with all three loaded, and after the smoke workload (a chat stream, a 16-text embedding, a
+  64-document rerank, 4 concurrent chats), anonymous apart from file-backed, per process.
 - decode: tok/s at 1 and 4 streams vs llama-server on the same Q4_K_M file (its -np 4).
 - rag: system prompt + ~3,000 tokens of passages + a question: TTFT cold, and for a second
   question on the same passages (prefix reused); llama-server's the same way.
@@ -34,6 +35,7 @@ import tempfile
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +44,7 @@ import llama_cpp
 
 from bench import bench_chat, bench_embed, bench_rag
 from bench.results import Ratio, record
-from bench.servers import BenchServer, llama_server, rss_mib
+from bench.servers import BenchServer, llama_server, rss_mib, tree_memory
 from gguf_serve.engine.llama_backend import read_cpu
 from gguf_serve.engine.llama_runtime import LlamaModel, usable_cpus
 from gguf_serve.engine.qwen3_prompts import fill, rerank_template
@@ -199,43 +201,59 @@ def convert(args: argparse.Namespace) -> list[str]:
     return [*lines, ""]
 
 
-# --- serve: the whole profile in one process ---------------------------------------------------
+# --- serve: the whole profile, the API process and its engine processes -----------------------
 def serve(args: argparse.Namespace) -> list[str]:
-    server = ServerProcess("cpu")
+    server = ServerProcess(args.profile)
     try:
         t0 = time.perf_counter()
         server.wait_ready(1800)
         ready_s = time.perf_counter() - t0
-        loaded = rss_mib(server.proc.pid)
+        loaded = tree_memory(server.proc.pid)
         bias = {str(t): v for t, v in generation_bias(gguf(CHAT)).items()}
+
+        def chat(c: httpx.Client, content: str, stream: bool) -> None:
+            body = {"model": CHAT, "messages": [{"role": "user", "content": content}], "max_tokens": 16}
+            body |= {"logit_bias": bias, "stream": stream}
+            c.post("/v1/chat/completions", json=body).raise_for_status()
+
         with httpx.Client(base_url=server.base_url, timeout=1800) as c:
-            r = c.post(
-                "/v1/chat/completions",
-                json={
-                    "model": CHAT,
-                    "messages": [{"role": "user", "content": "Hello"}],
-                    "max_tokens": 16,
-                    "logit_bias": bias,
-                },
-            )
-            r.raise_for_status()
+            chat(c, "Hello", stream=True)
             texts = bench_embed.make_texts(16, 230, seed=1)
             c.post("/v1/embeddings", json={"model": EMBED, "input": texts}).raise_for_status()
             docs = bench_embed.make_texts(64, 150, seed=2)
             c.post("/v1/rerank", json={"model": RERANK, "query": QUERY, "documents": docs}).raise_for_status()
-        after, peak = rss_mib(server.proc.pid), rss_mib(server.proc.pid, "VmHWM")
-        kv_lines = [
-            ln.split("] ", 1)[-1] for ln in server.log_tail(400).splitlines() if "KV cache up to" in ln
+            with ThreadPoolExecutor(4) as pool:  # 4 concurrent chats: every slot busy at once
+                prompts = bench_embed.make_texts(4, 120, seed=3)
+                list(pool.map(lambda t: chat(c, t, stream=False), prompts))
+        after = tree_memory(server.proc.pid)
+        lines = [
+            ln.split("] ", 1)[-1] for ln in server.log_tail(2000).splitlines() if "memory, llama.cpp" in ln
         ]
     finally:
         server.stop()
+
+    def total(rows: list[dict[str, Any]], key: str) -> float:
+        return sum(float(r[key]) for r in rows)
+
+    table = ["| process | RSS MiB | anonymous | file-backed | peak (VmHWM) |", "|---|---:|---:|---:|---:|"]
+    for r in after:
+        table.append(
+            f"| {r['cmd']} | {r['VmRSS']:,.0f} | {r['RssAnon']:,.0f} | {r['RssFile']:,.0f} | {r['VmHWM']:,.0f} |"
+        )
+    table.append(
+        f"| **all processes** | **{total(after, 'VmRSS'):,.0f}** | {total(after, 'RssAnon'):,.0f} | "
+        f"{total(after, 'RssFile'):,.0f} | {total(after, 'VmHWM'):,.0f} |"
+    )
     return [
-        "### serve: `gguf-serve --profile cpu`, all three models in one process",
+        f"### serve: `gguf-serve --profile {args.profile}`, the API process and its engine processes",
         "",
-        f"Ready in {ready_s:.0f} s. RSS with all three loaded: {loaded:.0f} MiB; after a chat, a 16-text "
-        f"embedding and a 64-document rerank: {after:.0f} MiB (peak {peak:.0f} MiB).",
+        f"Ready in {ready_s:.0f} s. RSS of the process tree with all models loaded: "
+        f"{total(loaded, 'VmRSS'):,.0f} MiB; after a chat stream, a 16-text embedding, a 64-document "
+        f"rerank and 4 concurrent chats: {total(after, 'VmRSS'):,.0f} MiB.",
         "",
-        *[f"- {ln}" for ln in kv_lines],
+        *table,
+        "",
+        *[f"- {ln}" for ln in lines],
         "",
     ]
 
@@ -380,13 +398,13 @@ async def embed_rate(url: str, texts: list[str]) -> float:
 
 
 def embed(args: argparse.Namespace) -> list[str]:
-    q8, f16 = gguf(EMBED), gguf(EMBED, "F16")
-    n_words = words_for_tokens(q8, 300, lambda n: bench_embed.make_texts(1, n, seed=9)[0])
+    files = {quant: gguf(EMBED, quant) for quant in args.embed_quants.split(",")}
+    n_words = words_for_tokens(gguf(EMBED), 300, lambda n: bench_embed.make_texts(1, n, seed=9)[0])
     texts = bench_embed.make_texts(args.embed_texts, n_words, seed=1)
     st = STEmbedder(modelscope_dir(args.cache, REPOS[EMBED]))
     st.rate(texts[:4])  # warm up
     sides: dict[str, list[float]] = {"st": []}
-    for quant, path in (("Q8_0", q8), ("F16", f16)):
+    for quant, path in files.items():
         server = ours([EMBED], {EMBED: path})
         try:
             server.wait_ready(1800)
@@ -407,7 +425,7 @@ def embed(args: argparse.Namespace) -> list[str]:
         "real",
         [
             Ratio(f"Qwen3-Embedding-0.6B texts/s, {q}", med[q], med["st"], "sentence-transformers", "texts/s", "higher", 1.2)
-            for q in ("Q8_0", "F16")
+            for q in files
         ],
     )  # fmt: skip
     return [
@@ -415,8 +433,7 @@ def embed(args: argparse.Namespace) -> list[str]:
         "",
         "| | texts/s | vs sentence-transformers |",
         "|---|---:|---:|",
-        f"| gguf-serve, Q8_0 | {med['Q8_0']:.2f} | {med['Q8_0'] / med['st']:.2f}x |",
-        f"| gguf-serve, F16 | {med['F16']:.2f} | {med['F16'] / med['st']:.2f}x |",
+        *[f"| gguf-serve, {q} | {med[q]:.2f} | {med[q] / med['st']:.2f}x |" for q in files],
         f"| sentence-transformers, float32 | {med['st']:.2f} | 1.00x |",
         "",
     ]
@@ -512,6 +529,7 @@ def main() -> None:
         default=Path(os.environ.get("MODELSCOPE_CACHE", REPO / "models" / ".modelscope")),
         help="the ModelScope cache the checkpoints were generated into (for the torch sides)",
     )
+    ap.add_argument("--profile", default="cpu", help="serve: the profile (a name or a TOML path)")
     ap.add_argument("--tokens", type=int, default=48, help="new tokens per decode stream")
     ap.add_argument("--repeat", type=int, default=2, help="rounds of the decode benchmark")
     ap.add_argument(
@@ -525,6 +543,9 @@ def main() -> None:
         "--rag-conversations", type=int, default=1, help="each: a cold and a cached ~3,000-token prompt"
     )
     ap.add_argument("--embed-texts", type=int, default=32)
+    ap.add_argument(
+        "--embed-quants", default="Q8_0,F16", help="embed: the files' types (beside the profile's)"
+    )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real-scale.md")
     args = ap.parse_args()
     unknown = set(args.only.split(",")) - set(SECTIONS)

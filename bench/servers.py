@@ -60,22 +60,40 @@ def rss_mib(pid: int, field: str = "VmRSS") -> float:
     return 0.0
 
 
-def tree_rss_mib(pid: int, field: str = "VmRSS") -> float:
-    """rss_mib summed over a process and all its descendants: a server's API process and its
-    engine processes (shared pages counted once per process, as top and ps count them)."""
+def process_tree(pid: int) -> list[int]:
+    """`pid` and all its descendants (engine processes, their helpers), parents first."""
     children: dict[int, list[int]] = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
+        except (OSError, IndexError):
             continue
         children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
-    total, todo = 0.0, [pid]
+    out, todo = [], [pid]
     while todo:
-        p = todo.pop()
-        total += rss_mib(p, field)
-        todo.extend(children.get(p, []))
-    return total
+        p = todo.pop(0)
+        out.append(p)
+        todo += sorted(children.get(p, []))
+    return out
+
+
+def tree_memory(pid: int) -> list[dict[str, object]]:
+    """Per process of `pid`'s tree: what it runs, VmRSS, RssAnon, RssFile, VmHWM (MiB)."""
+    rows: list[dict[str, object]] = []
+    for p in process_tree(pid):
+        try:
+            cmd = Path(f"/proc/{p}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        fields = ("VmRSS", "RssAnon", "RssFile", "VmHWM")
+        rows.append({"pid": p, "cmd": cmd.strip()[-90:], **{f: rss_mib(p, f) for f in fields}})
+    return rows
+
+
+def tree_rss_mib(pid: int, field: str = "VmRSS") -> float:
+    """rss_mib summed over a process and all its descendants: a server's API process and its
+    engine processes (shared pages counted once per process, as top and ps count them)."""
+    return sum(rss_mib(p, field) for p in process_tree(pid))
 
 
 def llama_server(binary: str, gguf: Path, *args: str) -> BenchServer:

@@ -141,7 +141,11 @@ class ModelSettings(BaseModel):
     flash_attn: bool | Literal["auto"] = "auto"
     cache_type_k: KVCacheType = "f16"
     cache_type_v: KVCacheType = "f16"
-    use_mmap: bool = True
+    use_mmap: bool | None = Field(
+        None,
+        description="map the file instead of reading it; None: map it unless llama.cpp repacks its "
+        "weights for this CPU (a mapped file keeps the originals of repacked weights resident too)",
+    )
 
     # chat
     chat_template: str | None = Field(None, description="a Jinja template, or a path to one")

@@ -83,7 +83,10 @@ def test_kv_cache_bytes_of_the_cpu_profile_models() -> None:
         id="c", file="x.gguf", n_ctx=8192, parallel=4, cache_type_k="q8_0", cache_type_v="q8_0"
     )
     assert kv_cache_bytes(qwen3_4b, q8) == int(8192 * 4 * 1024 * (34 / 32) * 2) * 36
-    # An embedding model's cache holds one batch, not one per `parallel`.
+    # An embedding model's cache holds one batch, not one per `parallel`, plus the express
+    # lane's context (express_tokens: 512 by default).
     qwen3_06b = ModelFootprint([20 * 2**20] * 28, 0, 8 * 128, n_ctx_train=32768)
     emb = ModelSettings(id="e", role="embedding", file="x.gguf", n_ctx=8192, n_batch=8192, parallel=16)
-    assert kv_cache_bytes(qwen3_06b, emb) == 8192 * 1024 * 4 * 28
+    assert kv_cache_bytes(qwen3_06b, emb) == (8192 + 512) * 1024 * 4 * 28
+    no_express = emb.model_copy(update={"express_tokens": 0})
+    assert kv_cache_bytes(qwen3_06b, no_express) == 8192 * 1024 * 4 * 28

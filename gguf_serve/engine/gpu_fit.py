@@ -1,4 +1,6 @@
-"""How many layers to offload: a number from the profile, or `auto` from the file and free memory."""
+"""How much memory a model needs, and how many layers to offload: a number from the profile, or
+`auto` from the file and free memory. One estimate (`estimate_memory`) for the start-up log,
+the docs' RAM figures and `auto` fitting."""
 
 from __future__ import annotations
 
@@ -6,7 +8,7 @@ import logging
 import re
 import shutil
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import llama_cpp as llama
@@ -29,6 +31,22 @@ KV_BYTES = {
     "iq4_nl": 18 / 32,
 }
 _BLOCK = re.compile(r"^blk\.(\d+)\.")
+# Weight types llama.cpp's CPU backend repacks into interleaved copies (CPU_REPACK buffers) on
+# x86 with AVX2 (ggml-cpu/repack.cpp, ggml_repack_get_optimal_repack_type); ARM repacks more.
+REPACKED_TYPES = frozenset({"Q4_0", "Q4_K", "IQ4_NL", "MXFP4"})
+# Encoders llama.cpp runs without a KV cache (llama_model::create_memory returns none).
+NO_KV_ARCHITECTURES = frozenset(
+    {
+        "bert",
+        "jina-bert-v2",
+        "jina-bert-v3",
+        "nomic-bert",
+        "nomic-bert-moe",
+        "neo-bert",
+        "eurobert",
+        "modern-bert",
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -37,6 +55,17 @@ class ModelFootprint:
     other_bytes: int  # embeddings, output head, norms
     n_embd_kv: int  # K (or V) width per layer per token
     n_ctx_train: int = 0  # the trained context (what n_ctx = 0 means)
+    type_bytes: dict[str, int] = field(default_factory=dict)  # bytes of weights per type (Q4_K, F16, ...)
+    architecture: str = ""
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.other_bytes
+
+    @property
+    def repackable_bytes(self) -> int:
+        """Weights of a type the CPU backend repacks (see REPACKED_TYPES)."""
+        return sum(n for t, n in self.type_bytes.items() if t in REPACKED_TYPES)
 
 
 def read_footprint(path: Path) -> ModelFootprint:
@@ -52,7 +81,9 @@ def read_footprint(path: Path) -> ModelFootprint:
 
     layers: dict[int, int] = {}
     other = 0
+    types: dict[str, int] = {}
     for t in reader.tensors:
+        types[t.tensor_type.name] = types.get(t.tensor_type.name, 0) + int(t.n_bytes)
         m = _BLOCK.match(t.name)
         if m:
             layers[int(m.group(1))] = layers.get(int(m.group(1)), 0) + int(t.n_bytes)
@@ -63,7 +94,12 @@ def read_footprint(path: Path) -> ModelFootprint:
     n_embd = num("embedding_length", 0)
     head_dim = num("attention.key_length", n_embd // max(1, n_head))
     return ModelFootprint(
-        [layers[i] for i in sorted(layers)], other, n_head_kv * head_dim, num("context_length", 0)
+        [layers[i] for i in sorted(layers)],
+        other,
+        n_head_kv * head_dim,
+        num("context_length", 0),
+        types,
+        arch,
     )
 
 
@@ -74,8 +110,33 @@ def kv_bytes_per_layer(fp: ModelFootprint, n_ctx_total: int, kv_type_k: str, kv_
 
 def kv_cache_bytes(fp: ModelFootprint, ms: ModelSettings) -> int:
     """The KV cache the engine allocates for `ms` (all layers, every slot)."""
-    n_ctx_total = context_size(ms, fp.n_ctx_train).n_ctx
+    if fp.architecture in NO_KV_ARCHITECTURES:
+        return 0
+    size = context_size(ms, fp.n_ctx_train)
+    n_ctx_total = size.n_ctx
+    if ms.role != "chat" and ms.express > 0:  # the express lane's second context (batcher.py)
+        from gguf_serve.engine.batcher import MAX_SEQ_PER_DECODE, whole_seqs
+
+        n_ctx_total += whole_seqs(min(ms.express, size.n_batch), max(1, min(ms.parallel, MAX_SEQ_PER_DECODE)))
     return kv_bytes_per_layer(fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v) * len(fp.layer_bytes)
+
+
+@dataclass(frozen=True)
+class MemoryEstimate:
+    """What a model takes before any request: its weights (once: repacked weights replace
+    their originals when the file is not memory-mapped) and its KV cache. Compute buffers
+    come on top (llama.cpp sizes them at context creation; the start-up log shows them)."""
+
+    weights: int
+    kv: int
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv
+
+
+def estimate_memory(fp: ModelFootprint, ms: ModelSettings) -> MemoryEstimate:
+    return MemoryEstimate(fp.weight_bytes, kv_cache_bytes(fp, ms))
 
 
 def fit_layers(
@@ -139,6 +200,6 @@ def choose_gpu_layers(fp: ModelFootprint, ms: ModelSettings) -> int:
         n,
         len(fp.layer_bytes),
         free / 2**30,
-        (sum(fp.layer_bytes) + fp.other_bytes) / 2**30,
+        fp.weight_bytes / 2**30,
     )
     return ALL_LAYERS if n == len(fp.layer_bytes) else n

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import llama_cpp as llama
 
+from gguf_serve.engine.memory import note_log_line
+
 log = logging.getLogger("gguf_serve.llama")
 
 # The ISA extensions that decide llama.cpp's CPU kernels, as /proc/cpuinfo names them.
@@ -102,7 +104,9 @@ def _route_llama_logs() -> None:
     @llama.llama_log_callback
     def _cb(level: int, text: bytes, _user: ctypes.c_void_p) -> None:
         if text:
-            log.log(levels.get(level, logging.DEBUG), "%s", text.decode("utf-8", "replace").rstrip())
+            line = text.decode("utf-8", "replace").rstrip()
+            note_log_line(line)  # buffer sizes, for the per-model memory line (engine/memory.py)
+            log.log(levels.get(level, logging.DEBUG), "%s", line)
 
     _log_callback = _cb
     llama.llama_log_set(_cb, ctypes.c_void_p(0))

@@ -108,8 +108,9 @@ class LlamaModel:
         params.use_extra_bufts = (
             backend.extra_buffer_types if extra_buffer_types is None else extra_buffer_types
         )
-        if hasattr(params, "use_mmap"):
-            params.use_mmap = use_mmap
+        # This llama.cpp has `load_mode` where older ones had `use_mmap` (which we set before,
+        # and which this version silently ignored: every file was mapped).
+        params.load_mode = llama.LLAMA_LOAD_MODE_MMAP if use_mmap else llama.LLAMA_LOAD_MODE_NONE
         ptr = llama.llama_model_load_from_file(str(path).encode(), params)
         if not ptr:
             raise ModelLoadError(

@@ -7,8 +7,11 @@ import logging
 from pathlib import Path
 
 from gguf_serve.engine.cpu_budget import CpuShare
+from gguf_serve.engine.gpu_fit import ModelFootprint, choose_gpu_layers, estimate_memory, read_footprint
 from gguf_serve.engine.interfaces import AnyEngine, EmbeddingModel
+from gguf_serve.engine.llama_backend import init_backend
 from gguf_serve.engine.llama_runtime import LlamaModel, ModelLoadError
+from gguf_serve.engine.memory import buffer_sizes
 from gguf_serve.settings import Limits, ModelSettings
 
 log = logging.getLogger("gguf_serve.registry")
@@ -19,8 +22,6 @@ def load_engine(
 ) -> tuple[AnyEngine, LlamaModel]:
     """The engine and the weights it runs on (free the engine first, then the weights); its
     decodes take their threads from `cpu`, the engine's share of the server's budget."""
-    from gguf_serve.engine.gpu_fit import choose_gpu_layers, kv_cache_bytes, read_footprint
-
     try:
         footprint = read_footprint(path)  # header and tensor index only, read once for both uses
     except Exception as e:  # gguf-py on a cut or garbled file: an IndexError, a ValueError ...
@@ -28,8 +29,42 @@ def load_engine(
             f"{path} is not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it"
         ) from e
     n_gpu_layers = choose_gpu_layers(footprint, ms)
-    model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=ms.use_mmap)
-    model.cpu = cpu
+    use_mmap = ms.use_mmap if ms.use_mmap is not None else not repacks_weights(footprint, n_gpu_layers)
+    with buffer_sizes() as buffers:
+        model = LlamaModel(path, n_gpu_layers=n_gpu_layers, use_mmap=use_mmap)
+        model.cpu = cpu
+        engine = _engine(model, ms, limits)
+    estimate = estimate_memory(footprint, ms)
+    log.info(
+        "model %s: %s, %d of %d layers on the GPU, %.0f MiB of weights, KV cache up to %.0f MiB (%s/%s)",
+        ms.id,
+        path.name,
+        min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
+        model.n_layer,
+        model.size_bytes / 2**20,
+        estimate.kv / 2**20,
+        ms.cache_type_k,
+        ms.cache_type_v,
+    )
+    log.info(
+        "model %s memory, llama.cpp's buffers: %s (weights %s; estimated %.0f MiB weights + %.0f MiB KV)",
+        ms.id,
+        buffers.summary(),
+        "memory-mapped" if use_mmap else "read into memory",
+        estimate.weights / 2**20,
+        estimate.kv / 2**20,
+    )
+    return engine, model
+
+
+def repacks_weights(footprint: ModelFootprint, n_gpu_layers: int) -> bool:
+    """Whether llama.cpp will repack some of these weights into CPU_REPACK buffers. Then the
+    file is read, not mapped: loading a mapped file pages in every tensor, the repacked ones
+    too, and those pages stay resident beside their repacked copies (~2 GiB for a 4B Q4_K_M)."""
+    return n_gpu_layers == 0 and init_backend().repack and footprint.repackable_bytes > 0
+
+
+def _engine(model: LlamaModel, ms: ModelSettings, limits: Limits) -> AnyEngine:
     try:
         engine: AnyEngine
         if ms.role == "chat":
@@ -47,18 +82,7 @@ def load_engine(
     except Exception:
         model.close()
         raise
-    log.info(
-        "model %s: %s, %d of %d layers on the GPU, %.0f MiB of weights, KV cache up to %.0f MiB (%s/%s)",
-        ms.id,
-        path.name,
-        min(n_gpu_layers, model.n_layer) if n_gpu_layers >= 0 else model.n_layer,
-        model.n_layer,
-        model.size_bytes / 2**20,
-        kv_cache_bytes(footprint, ms) / 2**20,
-        ms.cache_type_k,
-        ms.cache_type_v,
-    )
-    return engine, model
+    return engine
 
 
 def _no_embedder(mid: str) -> EmbeddingModel:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -57,6 +58,23 @@ def test_chat_stream(cpu_server: ServerProcess) -> None:
     usage = chunks[-1].usage
     assert usage is not None and usage.prompt_tokens > 5 and 1 <= usage.completion_tokens <= 8
     assert any(c.choices and c.choices[0].finish_reason in ("stop", "length") for c in chunks)
+
+
+def test_four_concurrent_chats(cpu_server: ServerProcess) -> None:
+    """More conversations than the profile's 2 chat slots: the others wait their turn, none fails."""
+    client = openai.OpenAI(base_url=cpu_server.base_url + "/v1", api_key="x", timeout=1800, max_retries=0)
+
+    def chat(i: int) -> int:
+        out = client.chat.completions.create(
+            model="qwen3-4b-instruct",
+            messages=[{"role": "user", "content": f"Question {i}: what is a search index?"}],
+            max_tokens=8,
+        )
+        assert out.usage is not None
+        return out.usage.completion_tokens
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(1 <= n <= 8 for n in pool.map(chat, range(4)))
 
 
 def test_sixteen_text_embedding(cpu_server: ServerProcess) -> None:
