@@ -33,7 +33,7 @@ import httpx
 
 from bench.bench_embed import make_texts
 from bench.results import Ratio, record
-from bench.servers import BenchServer, tree_rss_mib
+from bench.servers import BenchServer, cpu_seconds, process_tree, rss_mib, tree_rss_mib
 from tests.e2e.server import free_port
 
 BATCH = 16
@@ -117,7 +117,30 @@ async def chat_rate(client: httpx.AsyncClient, models: Models, users: int, token
     return sum(counts) / (time.perf_counter() - t0)
 
 
-async def run_phases(url: str, args: argparse.Namespace) -> dict[str, object]:
+def engine_names(url: str) -> dict[int, str]:
+    """pid -> the model an engine process serves, from /stats."""
+    found: dict[int, str] = {}
+
+    def walk(node: object, name: str) -> None:
+        if isinstance(node, dict):
+            if "engine_pid" in node:
+                found.setdefault(int(node["engine_pid"]), f"engine process of {name}")
+            for k, v in node.items():
+                walk(v, str(k))
+
+    walk(httpx.get(url + "/stats", timeout=30).json(), "")
+    return found
+
+
+def cpu_use(server_pid: int) -> dict[str, float]:
+    """CPU seconds so far: the API process, each engine process, and this benchmark's clients."""
+    out = {"this benchmark (the clients)": sum(os.times()[:2])}
+    for p in process_tree(server_pid):
+        out[str(p)] = cpu_seconds(p)
+    return out
+
+
+async def run_phases(url: str, args: argparse.Namespace, server_pid: int) -> dict[str, object]:
     models = Models(url)
     chunks = make_texts(args.chunks, args.words, seed=3)
     passages = make_texts(8, args.words, seed=4)
@@ -141,7 +164,10 @@ async def run_phases(url: str, args: argparse.Namespace) -> dict[str, object]:
         async def chat_user(i: int) -> None:
             nonlocal chat_tokens
             while not done.is_set():
-                chat_tokens += await chat_once(client, models, CHAT[i % len(CHAT)], args.chat_tokens)
+                # Not `chat_tokens += await ...`: that reads chat_tokens before the await, and the
+                # users' answers, arriving meanwhile, would be lost (it counted ~1/4 of the tokens).
+                n = await chat_once(client, models, CHAT[i % len(CHAT)], args.chat_tokens)
+                chat_tokens += n
 
         async def query_user(i: int) -> None:
             rng = random.Random(i)
@@ -160,12 +186,33 @@ async def run_phases(url: str, args: argparse.Namespace) -> dict[str, object]:
                 done.set()
 
         t0 = time.perf_counter()
+        cpu0 = cpu_use(server_pid)
+        stats0 = (await client.get("/stats")).json()["models"]
         users = [asyncio.create_task(chat_user(i)) for i in range(args.chat_users)]
         users += [asyncio.create_task(query_user(i)) for i in range(args.query_users)]
         load_ingest = await ingest_then_stop()
         await asyncio.gather(*users)  # each ends its request in flight
         wall = time.perf_counter() - t0
+        cpu1 = cpu_use(server_pid)
+        stats1 = (await client.get("/stats")).json()["models"]
+    names = {str(p): n for p, n in engine_names(url).items()}
+    names[str(server_pid)] = "API process"
+    cpu = {names.get(k, k): (cpu1[k] - cpu0.get(k, 0.0)) / wall for k in cpu1}
+    engines = {}
+    for mid, st in stats1.items():
+        d = {
+            k: st.get(k, 0.0) - stats0.get(mid, {}).get(k, 0.0)
+            for k in ("decodes", "decode_seconds", "sample_seconds")
+        }
+        if d["decodes"] > 0:
+            engines[mid] = (
+                f"{d['decodes']:.0f} decodes, {d['decode_seconds'] / d['decodes'] * 1000:.1f} ms each, "
+                f"in decodes {d['decode_seconds'] / wall:.0%} of the phase, sampling {d['sample_seconds'] / wall:.0%}"
+            )
     return {
+        "names": names,
+        "engines": engines,
+        "cpu": cpu,
         "idle_q": idle_q,
         "idle_rr": idle_rr,
         "idle_chat": idle_chat,
@@ -204,17 +251,23 @@ def main() -> None:
     rss: list[tuple[float, float]] = []
     stop = threading.Event()
 
+    per_process: list[dict[int, float]] = []  # the first and the latest sample, per pid
+
     def sample() -> None:
         t0 = time.monotonic()
         while not stop.is_set():
             rss.append((time.monotonic() - t0, tree_rss_mib(srv.proc.pid)))
+            now = {p: rss_mib(p) for p in process_tree(srv.proc.pid)}
+            per_process[1:] = [now]
+            if len(per_process) == 1:
+                per_process.insert(0, now)
             stop.wait(1.0)
 
     try:
         srv.wait_ready()
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
-        res = asyncio.run(run_phases(srv.base_url, args))
+        res = asyncio.run(run_phases(srv.base_url, args, srv.proc.pid))
     finally:
         stop.set()
         srv.stop()
@@ -224,6 +277,8 @@ def main() -> None:
     irr, lrr = res["idle_rr"], res["load_rr"]
     assert isinstance(irr, list) and isinstance(lrr, list)
     f = {k: float(v) for k, v in res.items() if isinstance(v, float)}  # type: ignore[arg-type]
+    cpu, engines, names = res["cpu"], res["engines"], res["names"]
+    assert isinstance(cpu, dict) and isinstance(engines, dict) and isinstance(names, dict)
     mib = [m for _, m in rss if m > 0]
     cmd_s = "python -m bench.bench_mixed " + " ".join(sys.argv[1:])
     lines = [
@@ -249,6 +304,17 @@ def main() -> None:
         f"| server RSS MiB (first / max / last sample, {len(mib)} samples) | | "
         f"{mib[0]:.0f} / {max(mib):.0f} / {mib[-1]:.0f} | | flat |",
         f"| query embeddings measured | {len(iq)} | {len(lq)} | | |",
+        "",
+        f"CPU used in the mixed phase, in cores ({os.cpu_count()} here): "
+        + ", ".join(f"{name} {cores:.2f}" for name, cores in sorted(cpu.items(), key=lambda kv: -kv[1])),
+        "",
+        *(f"- {mid}: {line}" for mid, line in engines.items()),
+        "",
+        "RSS per process, first / last sample (MiB): "
+        + ", ".join(
+            f"{names.get(str(p), p)} {per_process[0].get(p, 0):.0f} / {per_process[-1].get(p, 0):.0f}"
+            for p in per_process[-1]
+        ),
     ]
     print("\n".join(lines))
     if args.out:

@@ -90,6 +90,15 @@ def tree_memory(pid: int) -> list[dict[str, object]]:
     return rows
 
 
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far, all its threads; 0 once it exited."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def tree_rss_mib(pid: int, field: str = "VmRSS") -> float:
     """rss_mib summed over a process and all its descendants: a server's API process and its
     engine processes (shared pages counted once per process, as top and ps count them)."""
