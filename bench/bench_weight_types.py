@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from bench.bench_mixed import QUERIES as MIXED_QUERIES
 from gguf_serve.convert.pipeline import ensure_converted
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
@@ -45,16 +46,7 @@ PASSAGES = [
     "A rainbow appears when sunlight is refracted and reflected in raindrops.",
     "The Great Wall of China was built over many centuries by several dynasties.",
 ]
-QUERIES = [
-    "How do I reset my password?",
-    "What is the refund policy for annual plans?",
-    "Which regions does the service run in?",
-    "How long are backups kept?",
-    "Can I export my data as CSV?",
-    "Who can see the audit log?",
-    "What is the capital of France?",
-    "How do plants make sugar?",
-]
+QUERIES = [*MIXED_QUERIES, "What is the capital of France?", "How do plants make sugar?"]
 
 
 def embed(path: Path, texts: list[str], repeats: int) -> tuple[np.ndarray, float]:
