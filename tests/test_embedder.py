@@ -205,8 +205,9 @@ def test_a_short_request_is_decoded_beside_a_long_decode(minilm_gguf: Path) -> N
     """The express lane: a one-text query that arrives while the main context decodes an
     ingest's pack is answered before that decode ends, from a second context. The test holds
     the main decode until the query is answered, so without the lane the query never is (the
-    hold times out and the worker fails). A 32-token request, over express_tokens, still waits
-    for the main lane."""
+    hold times out and the worker fails). A 48-token request, over the express context's 32
+    cells (express_tokens 20, rounded up to whole sequences of 16), still waits for the main
+    lane."""
     emb = small_packs(minilm_gguf, express_tokens=20)
     try:
         alone = run(emb.embed([SIXTEEN, "yes"])).vectors
@@ -218,7 +219,7 @@ def test_a_short_request_is_decoded_beside_a_long_decode(minilm_gguf: Path) -> N
 
             def hold_the_first_main_decode(lane: Any, picked: list[Any]) -> None:
                 if not lane.express and not held:
-                    held.append(asyncio.run_coroutine_threadsafe(emb.embed([SIXTEEN, SIXTEEN]), loop))
+                    held.append(asyncio.run_coroutine_threadsafe(emb.embed([SIXTEEN] * 3), loop))
                     query = asyncio.run_coroutine_threadsafe(emb.embed(["yes"]), loop)
                     held.append(query.result(timeout=10))
                 real(lane, picked)

@@ -43,7 +43,7 @@ def qwen3_14b() -> ModelFootprint:
 
 def test_context_size_chat_counts_every_slot_and_zero_means_the_trained_context() -> None:
     ms = ModelSettings(id="c", file="x", n_ctx=0, parallel=4)
-    assert context_size(ms, 40960) == ContextSize(n_ctx=4 * 40960, n_ctx_seq=40960, n_batch=512)
+    assert context_size(ms, 40960) == ContextSize(n_ctx=4 * 40960, n_ctx_seq=40960, n_batch=512, n_seq_max=4)
     ms = ModelSettings(id="c", file="x", n_ctx=4096, parallel=4)
     assert context_size(ms, 40960).n_ctx == 16384
     assert context_size(ModelSettings(id="c", file="x", n_ctx=0, parallel=2), 0).n_ctx_seq == 4096
@@ -51,12 +51,31 @@ def test_context_size_chat_counts_every_slot_and_zero_means_the_trained_context(
 
 def test_context_size_embedding_holds_one_batch_whatever_parallel_is() -> None:
     ms = ModelSettings(id="e", role="embedding", file="x", n_ctx=512, n_batch=512, parallel=16)
-    assert context_size(ms, 512) == ContextSize(n_ctx=512, n_ctx_seq=512, n_batch=512)
+    assert context_size(ms, 512) == ContextSize(
+        n_ctx=512, n_ctx_seq=512, n_batch=512, n_seq_max=16, express=512
+    )
     # never longer than the trained context; a decode always holds one whole sequence
     ms = ModelSettings(id="e", role="embedding", file="x", n_ctx=0, n_batch=256, parallel=8)
-    assert context_size(ms, 32768) == ContextSize(n_ctx=32768, n_ctx_seq=32768, n_batch=32768)
+    assert context_size(ms, 32768) == ContextSize(
+        n_ctx=32768, n_ctx_seq=32768, n_batch=32768, n_seq_max=8, express=256
+    )
     ms = ModelSettings(id="r", role="rerank", file="x", n_ctx=8192, n_batch=2048)
     assert context_size(ms, 1024).n_ctx_seq == 1024
+
+
+def test_pooled_contexts_round_their_decode_to_whole_sequences() -> None:
+    # llama.cpp aborts creating a mean-pooling context whose n_ubatch is not a multiple of
+    # n_seq_max; the main and the express context both round up, and the KV estimate counts it.
+    ms = ModelSettings(
+        id="e", role="embedding", file="x", n_ctx=300, n_batch=300, parallel=64, express_tokens=100
+    )
+    size = context_size(ms, 512)
+    assert (size.n_batch, size.n_ctx, size.n_seq_max, size.express) == (320, 320, 64, 128)
+    assert size.n_ctx_seq == 300
+    assert size.kv_cells == 448
+    no_express = ms.model_copy(update={"express_tokens": 0})
+    assert context_size(no_express, 512).kv_cells == 320
+    assert context_size(ms.model_copy(update={"parallel": 500}), 512).n_seq_max == 64
 
 
 def test_auto_fit_counts_the_trained_context_for_n_ctx_zero() -> None:

@@ -10,6 +10,7 @@ import pytest
 
 from gguf_serve.engine.batcher import embedding_context
 from gguf_serve.engine.chat import ChatEngine
+from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.gpu_fit import ModelFootprint, estimate_memory, read_footprint
 from gguf_serve.engine.llama_backend import init_backend
@@ -77,7 +78,7 @@ def test_embedding_estimate_is_what_llama_cpp_allocates(qwen3_cache: Path, tmp_p
         with buffer_sizes() as b:  # the main context and the express lane's (256 tokens)
             Embedder(model, ms.model_copy(update={"express_tokens": 256}), Limits()).close()
         with buffer_sizes() as main_only:
-            embedding_context(model, ms, "last").close()
+            embedding_context(model, ms, context_size(ms, model.n_ctx_train), "last").close()
     finally:
         model.close()
     per_cell = fp.n_embd_kv * 4 * len(fp.layer_bytes)

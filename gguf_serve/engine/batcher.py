@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from gguf_serve.engine.context_size import context_size
+from gguf_serve.engine.context_size import ContextSize
 from gguf_serve.engine.llama_runtime import (
     Batch,
     ContextParams,
@@ -51,24 +51,20 @@ Vector = npt.NDArray[np.float32]
 # Reads one sequence's result after a decode: (context, seq_id, batch index of its last token).
 Readout = Callable[[LlamaContext, int, int], Vector]
 
-MAX_SEQ_PER_DECODE = 64
 # How far into one request's waiting sequences a pack looks for one that fits the room left.
 LOOK_AHEAD = 8
 
 
 def embedding_context(
-    model: LlamaModel, ms: ModelSettings, pooling: str, embeddings: bool = True
+    model: LlamaModel, ms: ModelSettings, size: ContextSize, pooling: str, embeddings: bool = True
 ) -> LlamaContext:
-    """A context that decodes whole sequences of up to `seq_limit(model, ms)` tokens, many per call."""
-    size = context_size(ms, model.n_ctx_train)
-    n_seq_max = max(1, min(ms.parallel, MAX_SEQ_PER_DECODE))
-    n_batch = whole_seqs(size.n_batch, n_seq_max)
+    """A context that decodes whole sequences of up to `size.n_ctx_seq` tokens, many per call."""
     threads = ms.n_threads or usable_cpus()
     params = ContextParams(
-        n_ctx=n_batch,
-        n_batch=n_batch,
-        n_ubatch=n_batch,
-        n_seq_max=n_seq_max,
+        n_ctx=size.n_batch,
+        n_batch=size.n_batch,
+        n_ubatch=size.n_batch,
+        n_seq_max=size.n_seq_max,
         n_threads=threads,
         n_threads_batch=ms.n_threads_batch or threads,
         embeddings=embeddings,
@@ -81,24 +77,11 @@ def embedding_context(
     return LlamaContext(model, params)
 
 
-def whole_seqs(n_ubatch: int, n_seq_max: int) -> int:
-    """n_ubatch rounded up to a multiple of n_seq_max: llama.cpp's graph reserve for a pooled
-    context rounds its tokens so, and then aborts on the mean-pooling matrix product
-    (GGML_ASSERT(ggml_can_mul_mat(a, b)) at context creation, e.g. n_ubatch 300 and 64 sequences)."""
-    return -(-n_ubatch // n_seq_max) * n_seq_max
-
-
-def seq_limit(model: LlamaModel, ms: ModelSettings) -> int:
-    """The longest sequence (in tokens, specials included) one input may have."""
-    return context_size(ms, model.n_ctx_train).n_ctx_seq
-
-
-def express_context(ctx: LlamaContext, tokens: int) -> LlamaContext:
-    """A second context on the same weights for short requests: room for `tokens` tokens per
-    decode, one thread, outside the CPU budget (its decodes are small and run beside the main
-    context's, whose claim already covers the model)."""
-    tokens = whole_seqs(tokens, ctx.params.n_seq_max)
-    p = replace(ctx.params, n_ctx=tokens, n_batch=tokens, n_ubatch=tokens, n_threads=1, n_threads_batch=1)
+def express_context(ctx: LlamaContext, cells: int) -> LlamaContext:
+    """A second context on the same weights for short requests: `cells` tokens per decode
+    (ContextSize.express), one thread, outside the CPU budget (its decodes are small and run
+    beside the main context's, whose claim already covers the model)."""
+    p = replace(ctx.params, n_ctx=cells, n_batch=cells, n_ubatch=cells, n_threads=1, n_threads_batch=1)
     express = LlamaContext(ctx.model, p)
     express.cpu = None
     return express
@@ -184,6 +167,8 @@ class SequenceBatcher:
         # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
         self._main = _Lane(ctx, Batch(self.n_batch, 1), min(pack_tokens, self.n_batch), express=False)
         self._lanes = [self._main]
+        # ContextSize.express: the express context's cells, which is also the longest request
+        # (all its sequences) it takes.
         self.express_tokens = min(express_tokens, self.n_batch)
         if self.express_tokens > 0:
             ectx = express_context(ctx, self.express_tokens)

@@ -14,8 +14,8 @@ from gguf_serve.engine.batcher import (
     SequenceBatcher,
     Vector,
     embedding_context,
-    seq_limit,
 )
+from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.model_info import ModelInfo, model_info
 from gguf_serve.engine.off_loop import tokenize_off_loop
@@ -51,13 +51,14 @@ class Embedder(BatchedEngine, Vocabulary):
             log.warning("%s: the GGUF's pooling %r gives no vector per input; using mean", ms.id, pooling)
             pooling = "mean"
         self.pooling = pooling
-        self._limit = seq_limit(model, ms)
+        size = context_size(ms, model.n_ctx_train)
+        self._limit = size.n_ctx_seq
         self._n_out = int(getattr(model, "n_embd_out", 0) or model.n_embd)
         # Qwen3-Embedding pools the last token, which must be the EOS its training appended.
         self._append_eos = model.add_eos or pooling == "last"
-        self.ctx = embedding_context(model, ms, pooling)
+        self.ctx = embedding_context(model, ms, size, pooling)
         self.batcher = SequenceBatcher(
-            self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=ms.express
+            self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=size.express
         )
         self._info = model_info(model, self._limit, self.ctx.params.n_seq_max, None)
 

@@ -112,12 +112,7 @@ def kv_cache_bytes(fp: ModelFootprint, ms: ModelSettings) -> int:
     """The KV cache the engine allocates for `ms` (all layers, every slot)."""
     if fp.architecture in NO_KV_ARCHITECTURES:
         return 0
-    size = context_size(ms, fp.n_ctx_train)
-    n_ctx_total = size.n_ctx
-    if ms.role != "chat" and ms.express > 0:  # the express lane's second context (batcher.py)
-        from gguf_serve.engine.batcher import MAX_SEQ_PER_DECODE, whole_seqs
-
-        n_ctx_total += whole_seqs(min(ms.express, size.n_batch), max(1, min(ms.parallel, MAX_SEQ_PER_DECODE)))
+    n_ctx_total = context_size(ms, fp.n_ctx_train).kv_cells
     return kv_bytes_per_layer(fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v) * len(fp.layer_bytes)
 
 
@@ -158,7 +153,7 @@ def fit_layers(
 
 def auto_layers(fp: ModelFootprint, ms: ModelSettings, free_bytes: int) -> int:
     """n_gpu_layers = auto: counted with the KV cache the engine will allocate for `ms`."""
-    n_ctx_total = context_size(ms, fp.n_ctx_train).n_ctx
+    n_ctx_total = context_size(ms, fp.n_ctx_train).kv_cells
     reserve = max(512 * 2**20, free_bytes // 20)
     return fit_layers(fp, n_ctx_total, ms.cache_type_k, ms.cache_type_v, free_bytes, reserve)
 

@@ -23,8 +23,8 @@ from gguf_serve.engine.batcher import (
     SequenceBatcher,
     Vector,
     embedding_context,
-    seq_limit,
 )
+from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.embedder import l2_normalize
 from gguf_serve.engine.interfaces import EmbeddingModel
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
@@ -138,13 +138,16 @@ def check_request(query: str, documents: list[str]) -> None:
 class _PairScorer(BatchedEngine, Vocabulary, Reranker):
     """Shared by HeadScorer and CausalScorer: pair prompts -> one decode batch per many pairs."""
 
-    def __init__(self, model: LlamaModel, ms: ModelSettings, limits: Limits, ctx: LlamaContext) -> None:
+    def __init__(
+        self, model: LlamaModel, ms: ModelSettings, limits: Limits, pooling: str, embeddings: bool = True
+    ) -> None:
         self.model = model
         self.settings = ms
-        self.limit = seq_limit(model, ms)
-        self.ctx = ctx
+        size = context_size(ms, model.n_ctx_train)
+        self.limit = size.n_ctx_seq
+        self.ctx = ctx = embedding_context(model, ms, size, pooling, embeddings)
         self.batcher = SequenceBatcher(
-            ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=ms.express
+            ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=size.express
         )
         self._info = model_info(model, self.limit, ctx.params.n_seq_max, None)
 
@@ -237,7 +240,7 @@ class HeadScorer(_PairScorer):
         self.positive = next((lower.index(p) for p in POSITIVE_LABELS if p in lower), 0)
         self.softmaxed = model.architecture in SOFTMAX_HEAD_ARCHS
         self.rerank_template = model.chat_template("rerank")
-        super().__init__(model, ms, limits, embedding_context(model, ms, "rank"))
+        super().__init__(model, ms, limits, "rank")
 
     def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
         return ctx.seq_embedding(seq_id, self.n_out)
@@ -274,7 +277,7 @@ class CausalScorer(_PairScorer):
                 f"{model.path}: scorer 'causal' needs single 'yes' and 'no' tokens in the vocabulary"
             )
         self.yes, self.no = yes, no
-        super().__init__(model, ms, limits, embedding_context(model, ms, "unspecified", embeddings=False))
+        super().__init__(model, ms, limits, "unspecified", embeddings=False)
 
     def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
         row = ctx.logits(index)

@@ -75,6 +75,7 @@ def test_forced_function_call_and_its_output(client: openai.OpenAI) -> None:
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice={"type": "function", "name": "get_weather"},
         max_output_tokens=60,
+        temperature=0,  # greedy: a sampled 135M model can run a string past the 60 tokens
     )
     calls = [o for o in res.output if o.type == "function_call"]
     assert len(calls) == 1 and calls[0].name == "get_weather"
@@ -101,6 +102,7 @@ def test_forced_function_call_and_its_output(client: openai.OpenAI) -> None:
         tools=[WEATHER],  # type: ignore[list-item]
         tool_choice="required",
         max_output_tokens=60,
+        temperature=0,
     ) as stream:
         final = stream.get_final_response()
     streamed = [o for o in final.output if o.type == "function_call"]

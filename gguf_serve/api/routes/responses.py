@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -26,6 +27,28 @@ from gguf_serve.engine.interfaces import ChatEvents, ChatModel
 from gguf_serve.engine.requests import EngineError
 
 router = APIRouter(route_class=StrictJSONRoute)
+
+
+@dataclass(frozen=True)
+class TextItem:
+    """An output item that holds text: how it is made, its id prefix, and its one content
+    part as a stream opens it (the part's type names its delta and done events)."""
+
+    make: Callable[..., dict[str, Any]]
+    prefix: str
+    part: dict[str, Any]
+    extra: dict[str, Any]  # what its delta and done events carry besides the text
+
+
+TEXT_ITEMS = {
+    "reasoning": TextItem(reasoning_item, "rs", {"type": "reasoning_text", "text": ""}, {}),
+    "message": TextItem(
+        message_item,
+        "msg",
+        {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
+        {"logprobs": []},
+    ),
+}
 
 
 @router.post("/v1/responses/input_tokens")
@@ -60,18 +83,14 @@ async def _collect(
     answer = ChatAnswer(ctx, chat, "response")
     try:
         async for ev in answer:
-            last = output[-1] if output else None
-            if ev.reasoning:
-                if last is not None and last["type"] == "reasoning":
-                    last["content"][0]["text"] += ev.reasoning
-                else:
-                    output.append(reasoning_item(new_id("rs"), ev.reasoning))
-            if ev.content:
+            for kind, piece in (("reasoning", ev.reasoning), ("message", ev.content)):
+                if not piece:
+                    continue
                 last = output[-1] if output else None
-                if last is not None and last["type"] == "message":
-                    last["content"][0]["text"] += ev.content
+                if last is not None and last["type"] == kind:
+                    last["content"][0]["text"] += piece
                 else:
-                    output.append(message_item(new_id("msg"), ev.content))
+                    output.append(TEXT_ITEMS[kind].make(new_id(TEXT_ITEMS[kind].prefix), piece))
             output.extend(function_call_item(new_id("fc"), c) for c in ev.tool_calls)
     finally:
         chat.cancel()
@@ -120,19 +139,30 @@ async def _stream(
         if current is None:
             return []
         index, iid, out = len(output), current["id"], []
-        if current["type"] in ("message", "reasoning"):
-            message = current["type"] == "message"
-            done = (message_item if message else reasoning_item)(iid, text)
-            extra: dict[str, Any] = {"logprobs": []} if message else {}
-            kind = "output_text" if message else "reasoning_text"
+        if current["type"] in TEXT_ITEMS:
+            t = TEXT_ITEMS[current["type"]]
+            done = t.make(iid, text)
             at = {"item_id": iid, "output_index": index, "content_index": 0}
-            out.append(event(f"response.{kind}.done", **at, text=text, **extra))
+            out.append(event(f"response.{t.part['type']}.done", **at, text=text, **t.extra))
             out.append(event("response.content_part.done", **at, part=done["content"][0]))
         else:
             done = current
         out.append(event("response.output_item.done", output_index=index, item=done))
         output.append(done)
         current = None
+        return out
+
+    def text_delta(kind: str, piece: str) -> list[dict[str, str]]:
+        """A piece of reasoning or answer text, opening its item when another one is open."""
+        nonlocal text
+        t = TEXT_ITEMS[kind]
+        out = []
+        if current is None or current["type"] != kind:
+            out = open_item({**t.make(new_id(t.prefix), "", "in_progress"), "content": []}, t.part)
+        text += piece
+        iid = current["id"]  # type: ignore[index]
+        at = {"item_id": iid, "output_index": len(output), "content_index": 0}
+        out.append(event(f"response.{t.part['type']}.delta", **at, delta=piece, **t.extra))
         return out
 
     yield event("response.created", response=response_object(rid, ctx.model_name, created, body, [], None))
@@ -142,34 +172,10 @@ async def _stream(
     answer = ChatAnswer(ctx, chat, "response")
     try:
         async for ev in answer:
-            if ev.reasoning:
-                if current is None or current["type"] != "reasoning":
-                    item = {**reasoning_item(new_id("rs"), "", "in_progress"), "content": []}
-                    for e in open_item(item, {"type": "reasoning_text", "text": ""}):
+            for kind, piece in (("reasoning", ev.reasoning), ("message", ev.content)):
+                if piece:
+                    for e in text_delta(kind, piece):
                         yield e
-                text += ev.reasoning
-                yield event(
-                    "response.reasoning_text.delta",
-                    item_id=current["id"],  # type: ignore[index]
-                    output_index=len(output),
-                    content_index=0,
-                    delta=ev.reasoning,
-                )
-            if ev.content:
-                if current is None or current["type"] != "message":
-                    item = message_item(new_id("msg"), "", "in_progress")
-                    part = {"type": "output_text", "text": "", "annotations": [], "logprobs": []}
-                    for e in open_item(item, part):
-                        yield e
-                text += ev.content
-                yield event(
-                    "response.output_text.delta",
-                    item_id=current["id"],  # type: ignore[index]
-                    output_index=len(output),
-                    content_index=0,
-                    delta=ev.content,
-                    logprobs=[],
-                )
             for call in ev.tool_calls:
                 fc = function_call_item(new_id("fc"), call, "in_progress")
                 for e in open_item(fc, None):
@@ -191,10 +197,8 @@ async def _stream(
                 current = function_call_item(fc["id"], call)
         done = ctx.finished(answer.finished)
         if current is None and not any(i["type"] in ("message", "function_call") for i in output):
-            for e in open_item(
-                message_item(new_id("msg"), "", "in_progress"),
-                {"type": "output_text", "text": "", "annotations": [], "logprobs": []},
-            ):
+            t = TEXT_ITEMS["message"]
+            for e in open_item({**t.make(new_id(t.prefix), "", "in_progress"), "content": []}, t.part):
                 yield e
         for e in close_item():
             yield e
