@@ -469,41 +469,51 @@ class HFReranker:
 
 
 def rerank(args: argparse.Namespace) -> list[str]:
-    path = gguf(RERANK)
-    n_words = words_for_tokens(path, 200, lambda n: bench_embed.make_texts(1, n, seed=9)[0])
+    files = {quant: gguf(RERANK, quant) for quant in args.rerank_quants.split(",")}
+    n_words = words_for_tokens(gguf(RERANK), 200, lambda n: bench_embed.make_texts(1, n, seed=9)[0])
     docs = bench_embed.make_texts(64, n_words, seed=2)
     hf = HFReranker(modelscope_dir(args.cache, REPOS[RERANK]))
     hf.scores(QUERY, docs[:2])  # warm up
-    ours_s: list[float] = []
-    hf_s: list[float] = []
-    server = ours([RERANK])
-    try:
-        server.wait_ready(1800)
-        with httpx.Client(base_url=server.base_url, timeout=1800) as c:
-            c.post(
-                "/v1/rerank", json={"model": RERANK, "query": QUERY, "documents": docs[:2]}
-            ).raise_for_status()
-            for _ in range(args.heavy_repeat):
-                t0 = time.perf_counter()
-                c.post(
-                    "/v1/rerank", json={"model": RERANK, "query": QUERY, "documents": docs}
-                ).raise_for_status()
-                ours_s.append(time.perf_counter() - t0)
-                t0 = time.perf_counter()
-                hf.scores(QUERY, docs)
-                hf_s.append(time.perf_counter() - t0)
-                print(f"  rerank: ours {ours_s[-1]:.1f} s, transformers {hf_s[-1]:.1f} s", flush=True)
-    finally:
-        server.stop()
-    a, b = statistics.median(ours_s), statistics.median(hf_s)
+    sides: dict[str, list[float]] = {"hf": []}
+    for quant, path in files.items():
+        server = ours([RERANK], {RERANK: path})
+        try:
+            server.wait_ready(1800)
+            with httpx.Client(base_url=server.base_url, timeout=1800) as c:
+                body = {"model": RERANK, "query": QUERY, "documents": docs[:2]}
+                c.post("/v1/rerank", json=body).raise_for_status()  # warm up
+                for _ in range(args.heavy_repeat):
+                    t0 = time.perf_counter()
+                    c.post("/v1/rerank", json={**body, "documents": docs}).raise_for_status()
+                    sides.setdefault(quant, []).append(time.perf_counter() - t0)
+                    t0 = time.perf_counter()
+                    hf.scores(QUERY, docs)
+                    sides["hf"].append(time.perf_counter() - t0)
+                    print(
+                        f"  rerank: {quant} {sides[quant][-1]:.1f} s, transformers {sides['hf'][-1]:.1f} s",
+                        flush=True,
+                    )
+        finally:
+            server.stop()
+    med = {k: statistics.median(v) for k, v in sides.items()}
+    b = med["hf"]
     # issue 19: >= 1.2 x transformers
-    record("real", [Ratio("Qwen3-Reranker-0.6B, 64 documents", a, b, "transformers", "s", "lower", 1.2)])
+    record(
+        "real",
+        [
+            Ratio(f"Qwen3-Reranker-0.6B, 64 documents, {q}", med[q], b, "transformers", "s", "lower", 1.2)
+            for q in files
+        ],
+    )  # fmt: skip
     return [
         f"### rerank: 64 documents of ~200 tokens, one request, medians of {args.heavy_repeat} interleaved rounds",
         "",
         "| | latency s | vs transformers |",
         "|---|---:|---:|",
-        f"| gguf-serve, {path.name} | {a:.2f} | {b / a:.2f}x {'faster' if a < b else 'the speed'} |",
+        *[
+            f"| gguf-serve, {files[q].name} | {med[q]:.2f} | {b / med[q]:.2f}x {'faster' if med[q] < b else 'the speed'} |"
+            for q in files
+        ],
         f"| transformers P(yes), float32, batches of 8 | {b:.2f} | |",
         "",
     ]
@@ -545,6 +555,9 @@ def main() -> None:
     ap.add_argument("--embed-texts", type=int, default=32)
     ap.add_argument(
         "--embed-quants", default="Q8_0,F16", help="embed: the files' types (beside the profile's)"
+    )
+    ap.add_argument(
+        "--rerank-quants", default="Q8_0", help="rerank: the files' types, each against transformers"
     )
     ap.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "real-scale.md")
     args = ap.parse_args()

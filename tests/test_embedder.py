@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from gguf_serve.engine.batcher import shared_prefix
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
 from gguf_serve.engine.requests import ContextOverflow, InvalidRequest, NotReady, QueueFull
@@ -423,6 +424,36 @@ def test_qwen3_embedding_matches_transformers(qwen3: Embedder, qwen3_dir: Path) 
     queries = run(qwen3.embed(texts, instruction=instr))
     for v, r in zip(docs.vectors + queries.vectors, ref, strict=True):
         assert float(v @ r) >= 0.999
+
+
+def test_qwen3_queries_decode_their_instruction_once(qwen3: Embedder) -> None:
+    """Queries of one request share "Instruct: ...\nQuery:": a last-token-pooled causal model
+    decodes that prefix once per decode, and each vector is the one the query gets alone."""
+    texts = TEXTS[:6]
+    alone = [run(qwen3.embed([t], instruction="Find the answer")).vectors[0] for t in texts]
+    before = qwen3.stats()["tokens"]
+    together = run(qwen3.embed(texts, instruction="Find the answer"))
+    decoded = qwen3.stats()["tokens"] - before
+    assert qwen3.batcher.share_prefix
+    assert decoded < together.prompt_tokens - 5 * (len(texts) - 1)
+    for v, a in zip(together.vectors, alone, strict=True):
+        assert float(v @ a) > 0.99999
+
+
+def test_bert_shares_no_prefix(minilm: Embedder) -> None:
+    """MiniLM's tokens attend both ways (and it pools the mean): its inputs never share cells."""
+    assert not minilm.model.causal_attention and not minilm.batcher.share_prefix
+    before = minilm.stats()["tokens"]
+    res = run(minilm.embed(["the same start, then one", "the same start, then two"]))
+    assert minilm.stats()["tokens"] - before == res.prompt_tokens
+
+
+def test_shared_prefix_leaves_each_sequence_a_token_of_its_own() -> None:
+    assert shared_prefix([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2  # the same input twice: its last token is read
+    assert shared_prefix([[1, 2], [1, 2, 3]]) == 1
+    assert shared_prefix([[1, 2, 3]]) == 0
+    assert shared_prefix([[5, 1], [6, 1]]) == 0
 
 
 def test_qwen3_exactly_one_eos(qwen3: Embedder) -> None:

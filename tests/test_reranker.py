@@ -310,3 +310,21 @@ def test_real_qwen_vocabulary_keeps_control_token_text_in_client_fields_as_text(
             assert tokenize_filled(m, RERANK_PROMPT, **fields) == whole
     finally:
         m.close()
+
+
+def test_a_rerank_decodes_the_prompt_before_the_documents_once(tiny_pair: Any) -> None:
+    """Every pair starts with the same prompt, instruction and query: within a decode that
+    prefix is decoded once, as KV cells all the pairs attend to (batcher share_prefix). The
+    scores are those of each pair decoded alone (one document per request shares nothing)."""
+    _, head, causal = tiny_pair
+    docs = [
+        f"Passage {i}: " + "retrieval finds passages that answer the query. " * (i % 3 + 1) for i in range(8)
+    ]
+    for scorer in (head, causal):
+        assert scorer.batcher.share_prefix
+        alone = [run(scorer.score(QUERY, [d])).scores[0] for d in docs]
+        before = scorer.stats()["tokens"]
+        res = run(scorer.score(QUERY, docs))
+        decoded = scorer.stats()["tokens"] - before
+        assert decoded < res.prompt_tokens - 40 * (len(docs) - 1)  # the ~50-token prompt once per decode
+        np.testing.assert_allclose(res.scores, alone, atol=1e-5)

@@ -87,6 +87,26 @@ def express_context(ctx: LlamaContext, cells: int) -> LlamaContext:
     return express
 
 
+def reads_last_token(model: LlamaModel, pooling: str, embeddings: bool) -> bool:
+    """Whether a sequence's result depends only on its last token's state, which attends to
+    every token before it: a causal model pooled by its last token (Qwen3-Embedding, a rank
+    head on a decoder: Qwen3-Reranker) or read from the last token's logits. Then sequences
+    that start alike can decode their common prefix once (`SequenceBatcher(share_prefix=)`).
+    Not for BERT-style models, whose prefix tokens attend to what follows them, nor for mean
+    pooling, which averages every token of a sequence."""
+    return model.causal_attention and (pooling in ("last", "rank") if embeddings else True)
+
+
+def shared_prefix(seqs: list[list[int]]) -> int:
+    """How many tokens every sequence starts with, leaving each at least one of its own (the
+    one its result is read at)."""
+    if len(seqs) < 2:
+        return 0
+    lo, hi = min(seqs), max(seqs)  # in token order: what these two share, every one does
+    common = next((k for k, (a, b) in enumerate(zip(lo, hi, strict=False)) if a != b), min(len(lo), len(hi)))
+    return min(common, min(len(s) for s in seqs) - 1)
+
+
 @dataclass(eq=False)
 class _Job:
     seqs: list[list[int]]
@@ -96,6 +116,7 @@ class _Job:
     waiting: deque[int] = field(default_factory=deque)  # indices of the sequences not yet decoded
     finished: bool = False  # delivered, failed or abandoned by its caller
     tokens: int = 0  # of every sequence
+    shared: int = 0  # tokens every sequence starts with, decoded once per decode (share_prefix)
     in_main: bool = False  # the main lane has taken a sequence of it: it finishes it there
 
     def __post_init__(self) -> None:
@@ -157,6 +178,7 @@ class SequenceBatcher:
         max_queue: int,
         pack_tokens: int,
         express_tokens: int = 0,
+        share_prefix: bool = False,
     ) -> None:
         self.ctx = ctx
         self.readout = readout
@@ -165,14 +187,20 @@ class SequenceBatcher:
         self.n_seq_max = ctx.params.n_seq_max
         self.max_pending = max(1, max_queue + self.n_seq_max)  # requests, queued or running
         # Tokens packed into one decode; a longer sequence (up to n_batch) goes alone.
-        self._main = _Lane(ctx, Batch(self.n_batch, 1), min(pack_tokens, self.n_batch), express=False)
+        batch = Batch(self.n_batch, self.n_seq_max)  # a shared prefix token is in many sequences
+        self._main = _Lane(ctx, batch, min(pack_tokens, self.n_batch), express=False)
         self._lanes = [self._main]
         # ContextSize.express: the express context's cells, which is also the longest request
         # (all its sequences) it takes.
         self.express_tokens = min(express_tokens, self.n_batch)
         if self.express_tokens > 0:
             ectx = express_context(ctx, self.express_tokens)
-            self._lanes.append(_Lane(ectx, Batch(self.express_tokens, 1), self.express_tokens, express=True))
+            ebatch = Batch(self.express_tokens, self.n_seq_max)
+            self._lanes.append(_Lane(ectx, ebatch, self.express_tokens, express=True))
+        # A request's sequences that start alike (a rerank prompt, instruction and query before
+        # each document) decode that prefix once per decode, as one set of KV cells that all of
+        # them attend to: see reads_last_token for when the results are the same.
+        self.share_prefix = share_prefix
         self._all_outputs = ctx.params.embeddings  # llama.cpp outputs every token when pooling anyway
         self._queue: deque[_Job] = deque()  # requests with sequences waiting, in turn order
         self._n_waiting = 0  # sequences waiting, over every request in the queue
@@ -250,6 +278,8 @@ class SequenceBatcher:
                 loop.call_soon_threadsafe(settle, res)
 
         job = _Job(seqs, deliver)
+        if self.share_prefix:
+            job.shared = shared_prefix(seqs)
         with self._cv:
             if reserved is not None and reserved.held:
                 self._check_open()
@@ -363,6 +393,7 @@ class SequenceBatcher:
         turns (the express lane's: of short requests only, the others keep their places)."""
         picked: list[tuple[_Job, int]] = []
         room = lane.pack_tokens
+        in_pack: set[_Job] = set()  # a further sequence of these costs only what follows its prefix
         passed: list[_Job] = []  # nothing of theirs fitted this pack: first in line next time
         skipped: list[_Job] = []  # not the express lane's: where they were, in order
         while self._queue and len(picked) < self.n_seq_max and room > 0:
@@ -372,7 +403,8 @@ class SequenceBatcher:
             if lane.express and not self._fits_express(job):
                 skipped.append(job)
                 continue
-            k = self._fitting(job, room, alone=not picked)
+            discount = job.shared if job in in_pack else 0
+            k = self._fitting(job, room - discount, alone=not picked)
             if k is None:
                 passed.append(job)
                 continue
@@ -381,7 +413,8 @@ class SequenceBatcher:
             self._n_waiting -= 1
             job.in_main = job.in_main or not lane.express
             picked.append((job, i))
-            room -= len(job.seqs[i])
+            room -= len(job.seqs[i]) - discount
+            in_pack.add(job)
             if job.waiting:
                 self._queue.append(job)
         self._queue.extendleft(reversed(passed + skipped))
@@ -400,12 +433,19 @@ class SequenceBatcher:
     def _decode(self, lane: _Lane, picked: list[tuple[_Job, int]]) -> None:
         ctx, batch = lane.ctx, lane.batch
         batch.clear()
-        last: list[int] = []
-        for seq_id, (job, i) in enumerate(picked):
-            tokens = job.seqs[i]
-            for pos, tok in enumerate(tokens):
-                batch.add(tok, pos, seq_id, self._all_outputs or pos == len(tokens) - 1)
-            last.append(batch.n_tokens - 1)
+        last = [0] * len(picked)  # the batch index of each sequence's last token
+        groups: dict[_Job, list[int]] = {}  # each request's sequences (seq ids) in this decode
+        for seq_id, (job, _) in enumerate(picked):
+            groups.setdefault(job, []).append(seq_id)
+        for job, seq_ids in groups.items():
+            start = job.shared if len(seq_ids) > 1 else 0
+            for pos, tok in enumerate(job.seqs[picked[seq_ids[0]][1]][:start]):
+                batch.add(tok, pos, seq_ids, self._all_outputs)
+            for seq_id in seq_ids:
+                tokens = job.seqs[picked[seq_id][1]]
+                for pos in range(start, len(tokens)):
+                    batch.add(tokens[pos], pos, seq_id, self._all_outputs or pos == len(tokens) - 1)
+                last[seq_id] = batch.n_tokens - 1
         t0 = time.perf_counter()
         try:
             ctx.decode(batch)

@@ -14,6 +14,7 @@ from gguf_serve.engine.batcher import (
     SequenceBatcher,
     Vector,
     embedding_context,
+    reads_last_token,
 )
 from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
@@ -58,7 +59,13 @@ class Embedder(BatchedEngine, Vocabulary):
         self._append_eos = model.add_eos or pooling == "last"
         self.ctx = embedding_context(model, ms, size, pooling)
         self.batcher = SequenceBatcher(
-            self.ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=size.express
+            self.ctx,
+            self._readout,
+            ms.id,
+            limits.max_queue,
+            ms.ubatch,
+            express_tokens=size.express,
+            share_prefix=reads_last_token(model, pooling, embeddings=True),
         )
         self._info = model_info(model, self._limit, self.ctx.params.n_seq_max, None)
 

@@ -30,6 +30,9 @@ GGUF_MAGIC = b"GGUF"
 
 POOLING_TYPES = {"unspecified": -1, "none": 0, "mean": 1, "cls": 2, "last": 3, "rank": 4}
 POOLING_NAMES = {v: k for k, v in POOLING_TYPES.items()}
+# Architectures whose graphs turn causal attention off in code, whatever the GGUF says
+# (src/models/*.cpp: `hparams.causal_attn = false`).
+NON_CAUSAL_ARCHITECTURES = frozenset({"gemma-embedding", "rnd1", "dream", "llada", "llada-moe"})
 
 # ggml_type ids for KV cache types (ggml.h).
 GGML_TYPES = {
@@ -153,6 +156,13 @@ class LlamaModel:
     @property
     def architecture(self) -> str:
         return self.meta("general.architecture") or "unknown"
+
+    @property
+    def causal_attention(self) -> bool:
+        """Whether a token attends only to the tokens before it (decoders), as llama.cpp
+        decides it: `{arch}.attention.causal`, true when absent (BERT files say false)."""
+        arch = self.architecture
+        return arch not in NON_CAUSAL_ARCHITECTURES and self.meta(f"{arch}.attention.causal") != "false"
 
     @property
     def pooling_type(self) -> str:
@@ -344,6 +354,7 @@ class Batch:
 
     def __init__(self, capacity: int, n_seq_max: int = 1) -> None:
         self.capacity = capacity
+        self.n_seq_max = n_seq_max  # sequences one token may belong to
         self.raw = llama.llama_batch_init(capacity, 0, n_seq_max)
         self.n_tokens = 0
 
@@ -351,16 +362,24 @@ class Batch:
         self.n_tokens = 0
         self.raw.n_tokens = 0
 
-    def add(self, token: int, pos: int, seq_id: int, logits: bool) -> int:
-        """Append one token; returns its index in the batch (for logits/embeddings)."""
+    def add(self, token: int, pos: int, seq_id: int | Sequence[int], logits: bool) -> int:
+        """Append one token, of one sequence or (a shared prefix) of several, at most the
+        batch's n_seq_max; returns its index in the batch (for logits/embeddings)."""
         i = self.n_tokens
         if i >= self.capacity:
             raise OverflowError("batch is full")
         raw = self.raw
         raw.token[i] = token
         raw.pos[i] = pos
-        raw.n_seq_id[i] = 1
-        raw.seq_id[i][0] = seq_id
+        if isinstance(seq_id, int):
+            raw.n_seq_id[i] = 1
+            raw.seq_id[i][0] = seq_id
+        else:
+            if len(seq_id) > self.n_seq_max:
+                raise OverflowError(f"a token of {len(seq_id)} sequences; this batch holds {self.n_seq_max}")
+            raw.n_seq_id[i] = len(seq_id)
+            for k, s in enumerate(seq_id):
+                raw.seq_id[i][k] = s
         raw.logits[i] = logits
         self.n_tokens = i + 1
         raw.n_tokens = self.n_tokens

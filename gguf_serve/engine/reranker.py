@@ -23,6 +23,7 @@ from gguf_serve.engine.batcher import (
     SequenceBatcher,
     Vector,
     embedding_context,
+    reads_last_token,
 )
 from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.embedder import l2_normalize
@@ -147,7 +148,13 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
         self.limit = size.n_ctx_seq
         self.ctx = ctx = embedding_context(model, ms, size, pooling, embeddings)
         self.batcher = SequenceBatcher(
-            ctx, self._readout, ms.id, limits.max_queue, ms.ubatch, express_tokens=size.express
+            ctx,
+            self._readout,
+            ms.id,
+            limits.max_queue,
+            ms.ubatch,
+            express_tokens=size.express,
+            share_prefix=reads_last_token(model, pooling, embeddings),
         )
         self._info = model_info(model, self.limit, ctx.params.n_seq_max, None)
 
