@@ -328,3 +328,23 @@ def test_a_rerank_decodes_the_prompt_before_the_documents_once(tiny_pair: Any) -
         decoded = scorer.stats()["tokens"] - before
         assert decoded < res.prompt_tokens - 40 * (len(docs) - 1)  # the ~50-token prompt once per decode
         np.testing.assert_allclose(res.scores, alone, atol=1e-5)
+
+
+def test_a_pack_counts_a_further_pair_at_its_own_tokens(tiny_pair: Any, work: Path) -> None:
+    """Packs of 2L - P tokens (L a pair, P their common prefix): two pairs fit each decode only
+    when the second one costs what follows the prefix."""
+    from gguf_serve.engine.batcher import shared_prefix
+
+    _, head, _ = tiny_pair
+    docs = [f"Passage {i}: retrieval finds passages." for i in range(8)]
+    seqs = head._sequences(QUERY, docs, RERANK_INSTRUCTION, False)
+    assert len({len(s) for s in seqs}) == 1
+    length, prefix = len(seqs[0]), shared_prefix(seqs)
+    assert prefix > 20
+    scorer = make_reranker(head.model, rerank_settings(n_ubatch=2 * length - prefix), Limits(), no_embedder)
+    try:
+        res = run(scorer.score(QUERY, docs))
+        assert scorer.stats()["decodes"] == 4  # 8 when each pair is counted whole
+        assert scorer.stats()["tokens"] == res.prompt_tokens - 4 * prefix
+    finally:
+        scorer.close()

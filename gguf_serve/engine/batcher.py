@@ -404,7 +404,7 @@ class SequenceBatcher:
                 skipped.append(job)
                 continue
             discount = job.shared if job in in_pack else 0
-            k = self._fitting(job, room - discount, alone=not picked)
+            k = self._fitting(job, room + discount, alone=not picked)  # it costs len - discount
             if k is None:
                 passed.append(job)
                 continue
