@@ -209,6 +209,12 @@ async def run_phases(url: str, args: argparse.Namespace, server_pid: int) -> dic
                 f"{d['decodes']:.0f} decodes, {d['decode_seconds'] / d['decodes'] * 1000:.1f} ms each, "
                 f"in decodes {d['decode_seconds'] / wall:.0%} of the phase, sampling {d['sample_seconds'] / wall:.0%}"
             )
+            if "prompt_cache_bytes" in st:  # host RAM that grows up to its limit: part of the RSS
+                mib = 2**20
+                engines[mid] += (
+                    f"; prompt cache {stats0.get(mid, {}).get('prompt_cache_bytes', 0.0) / mib:.0f} -> "
+                    f"{st['prompt_cache_bytes'] / mib:.0f} MiB of {st['prompt_cache_limit_bytes'] / mib:.0f}"
+                )
     return {
         "names": names,
         "engines": engines,
