@@ -52,7 +52,9 @@ def draw(entries: list[dict[str, Any]], out: Path) -> Path:
         rows.append((f"against {peer}", None))
         rows += [(f"{e['metric']} [{e['bench']}]", e) for e in group]
 
-    fig = Figure(figsize=(11, 1.6 + 0.27 * len(rows)), dpi=80)
+    legend_h = 0.2 * (1 + (len(cpus) + 1) // 2)  # inches: the CPU legend, two to a line, at the bottom
+    fig_h = 1.6 + 0.27 * len(rows) + legend_h
+    fig = Figure(figsize=(11, fig_h), dpi=80)
     FigureCanvasAgg(fig)
     ax = fig.add_subplot()
     ax.set_xscale("log")
@@ -79,9 +81,12 @@ def draw(entries: list[dict[str, Any]], out: Path) -> Path:
     dates = {cpu: sorted({e["date"] for e in entries if e["cpu"] == cpu}) for cpu in cpus}
     when = [f"{cpu}: {d[0]}" + (f" to {d[-1]}" if len(d) > 1 else "") for cpu, d in dates.items()]
     ax.set_title("gguf-serve against its peers\n" + "\n".join(when), fontsize=10)
-    ax.legend(handles=[Patch(color=colour[c], label=c) for c in cpus], fontsize=8, loc="lower right")
+    # under the x label, out of the bars' way
+    fig.legend(
+        handles=[Patch(color=colour[c], label=c) for c in cpus], fontsize=8, loc="lower center", ncols=2
+    )
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, legend_h / fig_h, 1, 1))
     out.parent.mkdir(parents=True, exist_ok=True)
     # a few colours and grey text: as a 64-colour palette PNG it is a third the size (docs/ is in git)
     buf = io.BytesIO()

@@ -112,10 +112,14 @@ def read(path: Path) -> list[dict[str, Any]]:
 
 
 def cpu_name() -> str:
+    """The CPU's model name and its widest vector unit: the same name ("AMD EPYC") covers
+    AVX2-only and AVX-512 parts, and that decides the kernels and torch's GEMM alike."""
     # lazy: llama_backend imports llama_cpp, which `python -m bench.chart` does not need
     from gguf_serve.engine.llama_backend import read_cpu
 
-    return read_cpu()[0]
+    model, features = read_cpu()
+    isa = "AVX-512" if "avx512f" in features else "AVX2" if "avx2" in features else ""
+    return f"{model} ({isa})" if isa else model
 
 
 def command_line() -> str:
