@@ -39,6 +39,14 @@ class TextItem:
     part: dict[str, Any]
     extra: dict[str, Any]  # what its delta and done events carry besides the text
 
+    def new(self, text: str) -> dict[str, Any]:
+        """A finished item with a new id."""
+        return self.make(new_id(self.prefix), text)
+
+    def opening(self) -> dict[str, Any]:
+        """A new item as a stream opens it: in progress, its content part still to come."""
+        return {**self.make(new_id(self.prefix), "", "in_progress"), "content": []}
+
 
 TEXT_ITEMS = {
     "reasoning": TextItem(reasoning_item, "rs", {"type": "reasoning_text", "text": ""}, {}),
@@ -90,13 +98,13 @@ async def _collect(
                 if last is not None and last["type"] == kind:
                     last["content"][0]["text"] += piece
                 else:
-                    output.append(TEXT_ITEMS[kind].make(new_id(TEXT_ITEMS[kind].prefix), piece))
+                    output.append(TEXT_ITEMS[kind].new(piece))
             output.extend(function_call_item(new_id("fc"), c) for c in ev.tool_calls)
     finally:
         chat.cancel()
     done = ctx.finished(answer.finished)
     if not any(item["type"] in ("message", "function_call") for item in output):
-        output.append(message_item(new_id("msg"), ""))
+        output.append(TEXT_ITEMS["message"].new(""))
     return response_object(rid, ctx.model_name, created, body, output, done)
 
 
@@ -158,7 +166,7 @@ async def _stream(
         t = TEXT_ITEMS[kind]
         out = []
         if current is None or current["type"] != kind:
-            out = open_item({**t.make(new_id(t.prefix), "", "in_progress"), "content": []}, t.part)
+            out = open_item(t.opening(), t.part)
         text += piece
         iid = current["id"]  # type: ignore[index]
         at = {"item_id": iid, "output_index": len(output), "content_index": 0}
@@ -197,8 +205,7 @@ async def _stream(
                 current = function_call_item(fc["id"], call)
         done = ctx.finished(answer.finished)
         if current is None and not any(i["type"] in ("message", "function_call") for i in output):
-            t = TEXT_ITEMS["message"]
-            for e in open_item({**t.make(new_id(t.prefix), "", "in_progress"), "content": []}, t.part):
+            for e in open_item(TEXT_ITEMS["message"].opening(), TEXT_ITEMS["message"].part):
                 yield e
         for e in close_item():
             yield e
