@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 import numpy.typing as npt
 
-from gguf_serve.engine.context_size import ContextSize
+from gguf_serve.engine.context_size import ContextSize, context_size
 from gguf_serve.engine.llama_runtime import (
     Batch,
     ContextParams,
@@ -499,6 +499,27 @@ class BatchedEngine:
 
     batcher: SequenceBatcher
     ctx: LlamaContext
+
+    def _open(
+        self, model: LlamaModel, ms: ModelSettings, max_queue: int, pooling: str, embeddings: bool = True
+    ) -> ContextSize:
+        """Create this engine's context and start its batcher, sized for `ms`; returns the size."""
+        size = context_size(ms, model.n_ctx_train)
+        self.ctx = embedding_context(model, ms, size, pooling, embeddings)
+        self.batcher = SequenceBatcher(
+            self.ctx,
+            self._readout,
+            ms.id,
+            max_queue,
+            ms.ubatch,
+            express_tokens=size.express,
+            share_prefix=reads_last_token(model, pooling, embeddings),
+        )
+        return size
+
+    def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
+        """One sequence's result after a decode (the batcher's Readout)."""
+        raise NotImplementedError
 
     def stats(self) -> dict[str, float]:
         return self.batcher.stats()

@@ -11,12 +11,8 @@ import numpy as np
 
 from gguf_serve.engine.batcher import (
     BatchedEngine,
-    SequenceBatcher,
     Vector,
-    embedding_context,
-    reads_last_token,
 )
-from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
 from gguf_serve.engine.model_info import ModelInfo, model_info
 from gguf_serve.engine.off_loop import tokenize_off_loop
@@ -52,21 +48,10 @@ class Embedder(BatchedEngine, Vocabulary):
             log.warning("%s: the GGUF's pooling %r gives no vector per input; using mean", ms.id, pooling)
             pooling = "mean"
         self.pooling = pooling
-        size = context_size(ms, model.n_ctx_train)
-        self._limit = size.n_ctx_seq
         self._n_out = int(getattr(model, "n_embd_out", 0) or model.n_embd)
         # Qwen3-Embedding pools the last token, which must be the EOS its training appended.
         self._append_eos = model.add_eos or pooling == "last"
-        self.ctx = embedding_context(model, ms, size, pooling)
-        self.batcher = SequenceBatcher(
-            self.ctx,
-            self._readout,
-            ms.id,
-            limits.max_queue,
-            ms.ubatch,
-            express_tokens=size.express,
-            share_prefix=reads_last_token(model, pooling, embeddings=True),
-        )
+        self._limit = self._open(model, ms, limits.max_queue, pooling).n_ctx_seq  # after what _readout reads
         self._info = model_info(model, self._limit, self.ctx.params.n_seq_max, None)
 
     @property

@@ -20,12 +20,8 @@ import numpy as np
 
 from gguf_serve.engine.batcher import (
     BatchedEngine,
-    SequenceBatcher,
     Vector,
-    embedding_context,
-    reads_last_token,
 )
-from gguf_serve.engine.context_size import context_size
 from gguf_serve.engine.embedder import l2_normalize
 from gguf_serve.engine.interfaces import EmbeddingModel
 from gguf_serve.engine.llama_runtime import LlamaContext, LlamaModel
@@ -144,19 +140,8 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
     ) -> None:
         self.model = model
         self.settings = ms
-        size = context_size(ms, model.n_ctx_train)
-        self.limit = size.n_ctx_seq
-        self.ctx = ctx = embedding_context(model, ms, size, pooling, embeddings)
-        self.batcher = SequenceBatcher(
-            ctx,
-            self._readout,
-            ms.id,
-            limits.max_queue,
-            ms.ubatch,
-            express_tokens=size.express,
-            share_prefix=reads_last_token(model, pooling, embeddings),
-        )
-        self._info = model_info(model, self.limit, ctx.params.n_seq_max, None)
+        self.limit = self._open(model, ms, limits.max_queue, pooling, embeddings).n_ctx_seq
+        self._info = model_info(model, self.limit, self.ctx.params.n_seq_max, None)
 
     @property
     def n_ctx(self) -> int:
@@ -165,9 +150,6 @@ class _PairScorer(BatchedEngine, Vocabulary, Reranker):
     @property
     def info(self) -> ModelInfo:
         return self._info
-
-    def _readout(self, ctx: LlamaContext, seq_id: int, index: int) -> Vector:
-        raise NotImplementedError
 
     def _template(self, instruction: str) -> str | None:
         """The prompt with {instruction}, {query} and {document} left to fill (the instruction
